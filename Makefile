@@ -1,0 +1,51 @@
+# Two entry points: `make studio` runs the product, `make test` runs the suite.
+# Both create .venv if missing and install what they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: studio test setup setup-test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch first: on a CPU machine the pinned CPU build, so that the project's loose
+# torch requirement never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+ifeq ($(HAS_CUDA),1)
+	$(BIN)/python -m pip install --quiet torch
+else
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+endif
+	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/image-gen setup
+	touch $@
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	touch $@
+
+setup: $(STAMP)
+
+setup-test: $(TEST_STAMP)
+
+studio: $(STAMP)
+	$(BIN)/image-gen serve
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) data

@@ -1,0 +1,70 @@
+"""`image-gen train vae|unet|distill|export`: the training commands and their defaults (which run on a CPU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipelines.training.common import RunConfig
+
+DEFAULTS = {
+    "vae": {"steps": 3000, "batch_size": 16, "lr": 4e-4},
+    "unet": {"steps": 40_000, "batch_size": 48, "lr": 3e-4},
+    "distill": {"steps": 4000, "batch_size": 32, "lr": 1e-4},
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="image-gen train", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    for stage in DEFAULTS:
+        p = sub.add_parser(stage, help=f"train the {stage} stage")
+        p.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"), help="checkpoints, logs and outputs")
+        p.add_argument("--steps", type=int, default=DEFAULTS[stage]["steps"])
+        p.add_argument("--batch-size", type=int, default=DEFAULTS[stage]["batch_size"])
+        p.add_argument("--lr", type=float, default=DEFAULTS[stage]["lr"])
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                       help="stop (with a checkpoint) after this many minutes; rerun to resume")
+        p.add_argument("--checkpoint-every", type=int, default=250)
+        p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+        p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
+        p.add_argument("--dataset-size", type=int, default=40_000)
+        p.add_argument("--image-size", type=int, default=128)
+    export = sub.add_parser("export", help="write the teacher and student as diffusers folders")
+    export.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
+    export.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.stage == "export":
+        from pipelines.training.export import export_models
+
+        for path in export_models(args.run_dir, args.out):
+            print(path)
+        return 0
+    config = RunConfig(
+        run_dir=args.run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        time_budget_s=None if args.time_budget is None else args.time_budget * 60,
+        checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, data=args.data,
+        dataset_size=args.dataset_size, image_size=args.image_size,
+    )
+    if args.stage == "vae":
+        from pipelines.training.vae import VaeConfig, train_vae
+
+        train_vae(config, VaeConfig())
+    elif args.stage == "unet":
+        from pipelines.training.unet import UnetConfig, train_unet
+
+        train_unet(config, UnetConfig())
+    else:
+        from pipelines.training.distill import DistillConfig, distill
+
+        distill(config, DistillConfig())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

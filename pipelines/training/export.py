@@ -1,0 +1,73 @@
+"""Export trained weights as standard Stable Diffusion-layout diffusers folders (teacher and LCM student)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+from pipelines.training.text import install_text_encoder, load_text_encoder
+from pipelines.training.unet import NOISE_SCHEDULE
+
+TEACHER_NAME = "inhouse-shapes"
+STUDENT_NAME = "inhouse-shapes-lcm"
+
+
+def _manifest(native: int, label: str, description: str, distilled: bool) -> dict:
+    sizes = [f"{s}x{s}" for s in (native, native * 2)] + [f"{native * 2}x{native}", f"{native}x{native * 2}"]
+    speed = {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.5}
+    quality = {"scheduler": "dpmpp_2m", "steps": 25, "guidance_scale": 4.0}
+    return {
+        "label": label,
+        "description": description,
+        "native_size": f"{native}x{native}",
+        "allowed_sizes": sizes,
+        "min_size": 64,
+        "max_size": native * 4,
+        "default_scheduler": (speed if distilled else quality)["scheduler"],
+        "default_steps": (speed if distilled else quality)["steps"],
+        "default_guidance": (speed if distilled else quality)["guidance_scale"],
+        "presets": {"speed": speed, "quality": quality} if distilled else {"quality": quality},
+        "distilled": distilled,
+    }
+
+
+def write_model_folder(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, distilled: bool,
+                       description: str) -> Path:
+    """A folder stock `StableDiffusionPipeline.from_pretrained` loads; weights in fp16 safetensors."""
+    tokenizer, encoder = load_text_encoder()
+    scheduler = (LCMScheduler if distilled else DDIMScheduler)(**NOISE_SCHEDULE)
+    pipe = StableDiffusionPipeline(vae=vae.to(torch.float16), text_encoder=encoder, tokenizer=tokenizer,
+                                   unet=unet.to(torch.float16), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    install_text_encoder(out)
+    native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    label = "in-house, distilled" if distilled else "in-house"
+    (out / "image-gen.json").write_text(json.dumps(_manifest(native, label, description, distilled), indent=2) + "\n")
+    return out
+
+
+def export_models(run_dir: Path, out: Path, teacher_tag: str = "final") -> list[Path]:
+    """Write the teacher (EMA weights) and, when distilled, the student into `out`."""
+    vae = AutoencoderKL.from_pretrained(run_dir / "vae" / "final")
+    written = [write_model_folder(
+        out / TEACHER_NAME, UNet2DConditionModel.from_pretrained(run_dir / "unet" / teacher_tag / "unet-ema"), vae,
+        distilled=False, description="In-house teacher trained from scratch on procedural captioned shapes.",
+    )]
+    student = run_dir / "distill" / "final" / "unet"
+    if student.exists():
+        written.append(write_model_folder(
+            out / STUDENT_NAME, UNet2DConditionModel.from_pretrained(student),
+            AutoencoderKL.from_pretrained(run_dir / "vae" / "final"), distilled=True,
+            description="LCM-distilled student of inhouse-shapes: 4 steps, no unconditional pass.",
+        ))
+    return written

@@ -1,0 +1,146 @@
+"""Train the text-conditioned UNet in the in-house VAE's latent space (the teacher).
+
+v-prediction with min-SNR-5 loss weighting, 10% caption dropout for classifier-free guidance, and EMA weights
+with a warm-up so early weights do not linger in the shipped model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+
+from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
+from pipelines.training.data import CaptionedImages, load_dataset
+from pipelines.training.text import CaptionStates, load_text_encoder
+
+NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "v_prediction",
+    "clip_sample": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass
+class UnetConfig:
+    block_out_channels: tuple[int, ...] = (64, 128, 192)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    ema_max_decay: float = 0.9995
+
+
+def build_unet(config: UnetConfig, latent_channels: int, sample_size: int, cross_attention_dim: int = 384,
+               time_cond_proj_dim: int | None = None) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=config.down_block_types,
+        up_block_types=config.up_block_types,
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, data: CaptionedImages, cache: Path, batch_size: int = 64) -> torch.Tensor:
+    """Scaled latent means of the whole dataset, computed once and cached next to the run."""
+    if cache.exists():
+        return torch.from_numpy(np.load(cache))
+    vae.eval()
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        pixels, _ = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        chunks.append(vae.encode(pixels.to(vae.device)).latent_dist.mean.cpu() * vae.config.scaling_factor)
+    latents = torch.cat(chunks)
+    np.save(cache, latents.numpy())
+    return latents
+
+
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights for a v-prediction loss: min(SNR, gamma) / (SNR + 1)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    return torch.clamp(snr, max=gamma) / (snr + 1)
+
+
+def prepare_training_data(run: TrainingRun) -> tuple[torch.Tensor, CaptionedImages, CaptionStates]:
+    """The dataset's cached latents, its captions and their cached token states."""
+    config = run.config
+    vae = AutoencoderKL.from_pretrained(config.run_dir / "vae" / "final").to(run.device)
+    data = load_dataset(config.data, config.dataset_size, config.seed, config.image_size, config.run_dir / "data")
+    tag = f"n{len(data)}-s{config.seed}-{config.image_size}px"
+    latents = encode_latents(vae, data, config.run_dir / "data" / f"latents-{tag}.npy")
+    tokenizer, encoder = load_text_encoder(run.device)
+    states = CaptionStates(data.captions, tokenizer, encoder, config.run_dir / "data" / f"text-{tag}.npy")
+    return latents, data, states
+
+
+def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
+    run = TrainingRun(run_config, "unet")
+    run.write_config({"unet": config.__dict__, "noise_schedule": NOISE_SCHEDULE})
+    latents, data, states = prepare_training_data(run)
+    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    unet = build_unet(config, latents.shape[1], latents.shape[-1])
+    ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
+                   model_cls=UNet2DConditionModel, model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=run_config.lr, weight_decay=0.01)
+    unet, optimizer = run.accelerator.prepare(unet, optimizer)
+    run.accelerator.register_for_checkpointing(ema)
+    run.resume()
+    ema.to(run.device)
+    rng = np.random.default_rng(run_config.seed + run.step)
+    generator = torch.Generator().manual_seed(run_config.seed + run.step)
+    for step in run.loop():
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, run_config.steps, 500, run_config.lr)
+        index = rng.integers(0, len(data), run_config.batch_size)
+        captions = ["" if rng.random() < config.caption_dropout else data.captions[i] for i in index]
+        x0 = latents[index].to(run.device)
+        noise = torch.randn(x0.shape, generator=generator).to(run.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)
+        timesteps = timesteps.to(run.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        target = scheduler.get_velocity(x0, noise, timesteps)
+        prediction = unet(noisy, timesteps, states(captions).to(run.device)).sample
+        per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(scheduler, timesteps, config.min_snr_gamma)).mean()
+        run.accelerator.backward(loss)
+        run.accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        if step % run_config.log_every == 0:
+            run.log({"loss": loss.item(), "mse": per_sample.mean().item(), "lr": optimizer.param_groups[0]["lr"],
+                     "ema_decay": ema.cur_decay_value})
+        if (step + 1) % 2000 == 0 and run.accelerator.is_main_process:
+            save_unet(run, unet, ema, f"step-{step + 1}")
+    if run.accelerator.is_main_process:
+        save_unet(run, unet, ema, "final")
+
+
+def save_unet(run: TrainingRun, unet, ema: EMAModel, tag: str) -> None:
+    """Raw and EMA weights side by side, so the better of the two can be shipped."""
+    raw = run.accelerator.unwrap_model(unet)
+    raw.save_pretrained(run.dir / tag / "unet-raw")
+    ema_unet = UNet2DConditionModel.from_config(raw.config)
+    ema.copy_to(ema_unet.parameters())
+    ema_unet.save_pretrained(run.dir / tag / "unet-ema")
