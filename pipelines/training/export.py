@@ -28,7 +28,7 @@ def _manifest(native: int, label: str, description: str, distilled: bool) -> dic
     return {
         "label": label,
         "description": description,
-        "native_size": f"{native}x{native}",
+        "native_size": native,
         "allowed_sizes": sizes,
         "min_size": 64,
         "max_size": native * 4,

@@ -1,0 +1,65 @@
+"""The process-wide objects every entry point builds from the settings: model registry, store and queue."""
+
+from __future__ import annotations
+
+import sys
+
+from image_gen.errors import ImageGenError
+from image_gen.settings import Settings
+from pipelines.registry import BUNDLED_MODELS_DIR, ModelRegistry
+from storage.objects import ObjectStore, open_store
+from storage.queue import JobQueue
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device != "auto" and not available[device]:
+        usable = ", ".join(["auto", *(name for name, ok in available.items() if ok)])
+        raise ImageGenError(
+            f"device {device!r} is not available on this machine: use {usable}", param="device"
+        )
+
+
+def build_registry(settings: Settings, *, bootstrap: bool) -> ModelRegistry:
+    """The registry over the bundled models and `models_dir`; with `bootstrap`, builds the untrained tiny model
+    into `models_dir` first when no model exists anywhere."""
+    if "models_dir" in settings.model_fields_set and not settings.models_dir.is_dir():
+        raise ImageGenError(
+            f"models folder {settings.models_dir} does not exist: set --models-dir or IMAGE_GEN_MODELS_DIR "
+            "to a folder of diffusers model folders",
+            param="models_dir",
+        )
+    model_dirs = (
+        [BUNDLED_MODELS_DIR, settings.models_dir] if BUNDLED_MODELS_DIR.is_dir() else [settings.models_dir]
+    )
+
+    def build() -> ModelRegistry:
+        return ModelRegistry(
+            model_dirs,
+            max_loaded=settings.max_loaded_models,
+            device=settings.device,
+            dtype=settings.dtype,
+            attention=settings.attention,
+            vae_tiling=settings.vae_tiling,
+            cpu_offload=settings.cpu_offload,
+        )
+
+    check_device(settings.device)
+    registry = build()
+    if bootstrap and not registry.list():
+        from pipelines.bootstrap import UNTRAINED_MODEL_NAME, build_untrained_model
+
+        path = build_untrained_model(settings.models_dir / UNTRAINED_MODEL_NAME)
+        print(f"image-gen: no model found: built the untrained tiny model in {path}", file=sys.stderr)
+        registry = build()
+    return registry
+
+
+def open_queue(settings: Settings) -> tuple[ObjectStore, JobQueue]:
+    try:
+        store = open_store(settings.store)
+    except ValueError as error:
+        raise ImageGenError(str(error), param="store") from error
+    return store, JobQueue(store)

@@ -1,0 +1,130 @@
+"""The one settings object: flags > environment (`IMAGE_GEN_*`) > config file (TOML or JSON) > defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from image_gen.errors import ImageGenError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: JSON config files only
+    tomllib = None  # type: ignore[assignment]
+
+ENV_PREFIX = "IMAGE_GEN_"
+
+
+class Settings(BaseSettings):
+    """Every knob of the product. Build it with `load_settings`, which turns invalid values into one line."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+
+    config: Path | None = Field(default=None, description="TOML or JSON file with any of these settings")
+    models_dir: Path = Field(default=Path("models"), description="folder of diffusers model folders")
+    store: str = Field(
+        default="./data", description="object store: a path, file://PATH or s3://BUCKET/PREFIX"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    attention: Literal["sdpa", "xformers", "sliced", "math"] = "sdpa"
+    vae_tiling: Literal["auto", "on", "off"] = "auto"
+    cpu_offload: bool = False
+    max_loaded_models: int = Field(default=2, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(default=7860, ge=1, le=65535)
+    workers_in_process: int = Field(default=1, ge=0)
+    max_batch: int = Field(default=4, ge=1)
+    default_model: str | None = None
+    request_timeout_s: float = Field(default=300.0, gt=0, description="how long a synchronous request waits")
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep:
+            return value
+        if scheme == "file" and rest:
+            return value
+        if scheme == "s3" and rest.split("/", 1)[0]:
+            return value
+        raise ValueError("expected a path, file://PATH or s3://BUCKET/PREFIX")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by the `config` setting, which the flags or the environment have set by now."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        return read_config_file(Path(path)) if path else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML (`.toml`) or JSON file, as a flat table of setting names."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ImageGenError(f"cannot read config file {path}: {exc.strerror}", param="config") from exc
+    try:
+        if path.suffix.lower() == ".toml":
+            if tomllib is None:
+                raise ImageGenError(f"config file {path}: TOML needs Python 3.11+; use JSON", param="config")
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, TypeError) as exc:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        raise ImageGenError(f"config file {path} is not valid {kind}: {exc}", param="config") from exc
+    if not isinstance(data, dict):
+        raise ImageGenError(f"config file {path} must hold a table of settings", param="config")
+    return data
+
+
+def _describe(error: Any) -> str:
+    name = ".".join(str(part) for part in error["loc"]) or "settings"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(field for field in Settings.model_fields if field != "config")
+        return f"unknown setting {name!r} (allowed: {allowed})"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "bool_parsing":
+        message += " (true/false, 1/0, yes/no or on/off)"
+    return (
+        f"invalid setting {name}={error['input']!r} "
+        f"(set by a flag, {ENV_PREFIX}{name.upper()} or the config file): {message}"
+    )
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Settings from flags (`overrides`; None means not given) > env > config file > defaults.
+
+    `config` is the config file path from `--config`; otherwise `IMAGE_GEN_CONFIG` names it.
+    Raises ImageGenError with a one-line message naming the setting and what is allowed.
+    """
+    flags = {name: value for name, value in overrides.items() if value is not None}
+    if config is not None:
+        flags["config"] = Path(config)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        raise ImageGenError("; ".join(_describe(error) for error in exc.errors()), param=param) from exc

@@ -1,0 +1,1 @@
+"""Storage layer: object stores (local directory or S3), the job queue over them, and PNG metadata."""

@@ -1,0 +1,1 @@
+"""User interfaces: the Gradio studio (and, later, the arena), mounted on the API server."""
