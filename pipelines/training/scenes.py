@@ -56,7 +56,9 @@ SHAPE_WORDS = {
     "cross": ("cross", "plus sign"),
 }
 SHAPE_PLURALS = {"circle": "circles", "disc": "discs", "square": "squares", "triangle": "triangles",
-                 "star": "stars", "cross": "crosses", "plus sign": "plus signs"}
+                 "star": "stars", "cross": "crosses", "plus sign": "plus signs", "round dot": "round dots", "box": "boxes",
+                 "pyramid shape": "pyramid shapes", "five-pointed star": "five-pointed stars",
+                 "x-shaped cross": "x-shaped crosses"}
 RELATION_WORDS = {
     "left of": ("to the left of", "left of"),
     "right of": ("to the right of", "right of"),
@@ -123,7 +125,7 @@ def scene_expectation(kind: str, objects: list[SceneObject], relation: str | Non
     }
 
 
-def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
     if shape == "square":
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
@@ -172,7 +174,7 @@ def _render(objects: list[SceneObject], background: Image.Image, supersample: in
         x0, y0, x1, y1 = (v * supersample for v in obj.box)
         cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
         fill = COLORS[obj.color]
-        polygon = _shape_polygon(obj.shape, cx, cy, r)
+        polygon = shape_polygon(obj.shape, cx, cy, r)
         if polygon is None:
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         else:

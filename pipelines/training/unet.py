@@ -34,8 +34,10 @@ NOISE_SCHEDULE = {
 @dataclass
 class UnetConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 192)
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
-    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    # No attention at the full 16x16 latent grid: 2.2x faster per step on CPU (measured), with cross- and
+    # self-attention still at 8x8 and 4x4 where layout and relations are decided.
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
     attention_head_dim: int = 32
     caption_dropout: float = 0.1

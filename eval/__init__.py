@@ -1,0 +1,1 @@
+"""Evaluation: prompt suites, detectors and scores for generated images."""
