@@ -131,7 +131,7 @@ def main(argv: list[str], out: Path) -> int:
     steps = args.steps or info.default_steps
     guidance = info.default_guidance if args.guidance is None else args.guidance
     scheduler = args.scheduler or info.default_scheduler
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [int(info.native_size.split("x")[0])]
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [info.native_size]
     rows = [
         run(
             ours,
