@@ -133,6 +133,12 @@ def build_parser() -> ArgumentParser:
     serve.add_argument(
         "--workers-in-process", type=int, metavar="N", help="workers run by this process (default: 1)"
     )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="listen on a non-loopback address although no API key exists (anyone who reaches it can use it)",
+    )
     _add_settings_flags(serve, runtime=True)
     serve.set_defaults(handler=cmd_service)
 

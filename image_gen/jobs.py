@@ -29,9 +29,16 @@ def batch_key(params: GenerationParams) -> str:
     )
 
 
-def image_key(owner: str, job_id: str, index: int) -> str:
-    return f"images/{owner}/{job_id}/{index}.png"
+def image_prefix(owner: str, job_id: str) -> str:
+    """Where every attempt at a job writes its images."""
+    return f"images/{owner}/{job_id}/"
 
 
-def thumbnail_key(owner: str, job_id: str, index: int) -> str:
-    return f"images/{owner}/{job_id}/{index}.thumb.webp"
+def image_key(owner: str, job_id: str, token: int, index: int) -> str:
+    """Under the claim's fencing token, so that a worker whose lease was taken over and who deletes its own
+    unpublished images never deletes the images its successor published."""
+    return f"{image_prefix(owner, job_id)}{token}/{index}.png"
+
+
+def thumbnail_key(owner: str, job_id: str, token: int, index: int) -> str:
+    return f"{image_prefix(owner, job_id)}{token}/{index}.thumb.webp"

@@ -93,7 +93,17 @@ class GenerationService:
     def jobs(
         self, owner: str, status: str | None = None, limit: int = 20, cursor: str | None = None
     ) -> JobPage:
-        return self.queue.list(owner, status=status, limit=limit, cursor=cursor)
+        try:
+            return self.queue.list(owner, status=status, limit=limit, cursor=cursor)
+        except ValueError as error:  # a cursor from another owner or made up, an unknown status
+            raise ImageGenError(str(error), param="cursor" if cursor else "status") from error
+
+    def owner_of(self, job_id: str) -> str:
+        """The owner of a job, for requests that prove their right to it otherwise (a signed image link)."""
+        try:
+            return self.queue.get(job_id).owner
+        except NotFound:
+            raise JobNotFound(f"no job {job_id!r}", param="id", code="not_found") from None
 
     def position(self, job: Job) -> int | None:
         return self.queue.position(job.id) if job.status == "queued" else None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -42,6 +43,51 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=4, ge=1)
     default_model: str | None = None
     request_timeout_s: float = Field(default=300.0, gt=0, description="how long a synchronous request waits")
+    # --- REST API: exposure, auth, limits, webhooks (docs/api.md) ---
+    insecure: bool = Field(
+        default=False, description="serve a non-loopback address without API keys (anyone who reaches it is the user)"
+    )
+    public_url: str | None = Field(
+        default=None, description="base URL of image links in responses (default: the URL the request came to)"
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="signs image links and derives webhook secrets (default: one generated once, kept in the store)",
+    )
+    auth_cache_s: float = Field(
+        default=5.0, ge=0, description="how long a process trusts its cached copy of a key (revocation delay)"
+    )
+    requests_per_minute: float | None = Field(
+        default=6000.0, gt=0, description="requests of any kind per key per minute (None: unlimited)"
+    )
+    rate_per_minute: float | None = Field(
+        default=None, gt=0, description="generation requests per key per minute for keys without their own rate"
+    )
+    max_concurrent: int | None = Field(
+        default=None, ge=1, description="unfinished jobs per key for keys without their own quota"
+    )
+    max_body_bytes: int = Field(default=65536, ge=1024, description="largest request body the API accepts")
+    max_steps: int = Field(default=150, ge=1, le=150, description="most denoising steps a request may ask for")
+    max_images: int = Field(default=10, ge=1, le=10, description="most images one request may ask for")
+    image_url_expires_s: int = Field(default=3600, ge=1, description="lifetime of image links (response_format=url)")
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs webhooks may target although private, loopback or link-local (e.g. 127.0.0.0/8)",
+    )
+    webhook_max_attempts: int = Field(default=8, ge=1, description="deliveries tried before a webhook is given up")
+    webhook_backoff_s: float = Field(default=2.0, gt=0, description="wait before the 2nd delivery; doubles each time")
+    webhook_timeout_s: float = Field(default=10.0, gt=0, description="how long one delivery may take")
+    webhook_poll_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for finished jobs")
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not a network: use CIDR notation, e.g. 127.0.0.0/8") from None
+        return value
 
     @field_validator("store")
     @classmethod

@@ -1,16 +1,17 @@
 """The worker: claims jobs from the queue, batches compatible ones, generates, publishes images, completes.
 
 Execution is at least once (leases expire and are reclaimed) and completion at most once (the queue's conditional
-writes); images are written before the completion that publishes them and deleted again if it is refused.
+writes). Images are written under the claim's fencing token before the completion that publishes them, and deleted
+again if it is refused; a store outage makes the worker back off and retry, never exit.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import logging
 import os
+import random
 import signal
 import socket
 import threading
@@ -35,22 +36,149 @@ log = logging.getLogger("image_gen.worker")
 
 THUMBNAIL_SIZE = 256
 PREVIEW_SIZE = 96
+# What a store outage raises: StorageError, and OSError, which a local store whose folder became unwritable or went
+# away raises from its lock and temp files.
+STORE_ERRORS = (StorageError, OSError)
 
 
 @dataclass
 class _Running:
-    """One claimed job inside a batch: its lease, resolved parameters and the rows of the batch it owns."""
+    """One claimed job of a batch: its lease, which only the lease keeper updates while it runs, and its params."""
 
     lease: Lease
     params: GenerationParams
-    rows: range
     canceled: bool = False
     lost: bool = False
     last_beat: float = field(default_factory=time.monotonic)
 
     @property
+    def id(self) -> str:
+        return self.lease.job.id
+
+    @property
     def live(self) -> bool:
         return not (self.canceled or self.lost)
+
+
+_Step = tuple[StepEvent, dict[str, int]]  # a denoising step and the first row of each job in the generation
+
+
+@dataclass
+class _Published:
+    """Images written for a job, and the result that its completion publishes."""
+
+    keys: list[str]
+    result: dict[str, Any]
+
+
+@dataclass
+class _Failed:
+    """Why a job failed, whether another attempt may succeed, and the images it had written (to delete)."""
+
+    error: str
+    retryable: bool
+    keys: list[str] = field(default_factory=list)
+
+
+class _LeaseKeeper:
+    """Holds a batch's leases from a background thread while the worker loads the model, generates and uploads.
+
+    Every `heartbeat_s` it heartbeats each job (with its latest progress), so that no lease lapses during a slow
+    model load, decode or upload; after every denoising step but the last it checks each job for cancellation
+    (one read, during the next step), and the next step waits for that check, so that a canceled job stops within
+    one step. Store errors are logged and otherwise ignored here: the completion decides. Only this thread writes
+    the leases until `close()`.
+    """
+
+    def __init__(self, queue: JobQueue, jobs: list[_Running], heartbeat_s: float) -> None:
+        self.queue = queue
+        self.jobs = jobs
+        self.heartbeat_s = heartbeat_s
+        self._changed = threading.Condition()
+        self._step: _Step | None = None  # a step awaiting its cancellation check
+        self._latest: _Step | None = None  # the latest step, whose progress the heartbeats publish
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    def callback(self, jobs: list[_Running]) -> Callable[[StepEvent], None]:
+        """The step callback of one generation of `jobs` (some of the batch, in the order of their rows)."""
+        rows, row = {}, 0
+        for job in jobs:
+            rows[job.id] = row
+            row += job.params.num_images
+
+        def on_step(event: StepEvent) -> None:
+            with self._changed:
+                self._changed.wait_for(lambda: self._step is None or self._closed)
+                if not any(job.live for job in jobs):
+                    raise GenerationCanceled("every job of the batch was canceled or taken over")
+                self._latest = (event, rows)
+                if event.step < event.total:  # after the last step, the completion notices a cancel
+                    self._step = self._latest
+                    self._changed.notify_all()
+
+        return on_step
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closed or self._step is not None, self._until_beat())
+                if self._closed:
+                    return
+                step, latest = self._step, self._latest
+            try:
+                self._check(step, latest)
+            except Exception:
+                log.exception("lease keeper error")
+            finally:
+                with self._changed:
+                    if self._step is step:
+                        self._step = None
+                    self._changed.notify_all()
+
+    def _until_beat(self) -> float | None:
+        beats = [job.last_beat + self.heartbeat_s for job in self.jobs if job.live]
+        return max(0.0, min(beats) - time.monotonic()) if beats else None
+
+    def _check(self, step: _Step | None, latest: _Step | None) -> None:
+        """Heartbeat the jobs that are due, with the latest progress; check the others of `step` for a cancel."""
+        event, rows = latest if latest is not None else (None, {})
+        now = time.monotonic()
+        for job in self.jobs:
+            due = now - job.last_beat >= self.heartbeat_s
+            if not job.live or not (due or (step is not None and job.id in step[1])):
+                continue
+            try:
+                if due:
+                    row = rows.get(job.id)
+                    progress = None if event is None or row is None else {
+                        "step": event.step, "total": event.total, "preview": _preview(event, row)
+                    }
+                    job.lease, job.last_beat = self.queue.heartbeat(job.lease, progress), now
+                else:
+                    self._check_canceled(job)
+            except JobCanceled:
+                job.canceled = True
+            except LeaseLost:
+                job.lost = True
+            except STORE_ERRORS as error:
+                job.last_beat = now  # try again in heartbeat_s, not in a tight loop
+                log.warning("could not reach the store for job %s: %s", job.id, error)
+
+    def _check_canceled(self, job: _Running) -> None:
+        """One read of the record; a requested cancel is recorded by a heartbeat, which raises JobCanceled."""
+        current = self.queue.get(job.id)
+        if current.status != "running" or current.token != job.lease.token:
+            raise LeaseLost(f"job {job.id} is {current.status} with token {current.token}")
+        if current.cancel_requested:
+            job.lease = self.queue.heartbeat(job.lease)
 
 
 class Worker:
@@ -68,6 +196,8 @@ class Worker:
         idle_poll_s: float = 0.25,
         max_backoff_s: float = 30.0,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.queue = queue
         self.store = store
         self.registry = registry
@@ -79,22 +209,23 @@ class Worker:
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        """Claim and run batches until `stop()`; a store outage backs off exponentially instead of crashing."""
+        """Claim and run batches until `stop()`. Errors (a store outage) back off exponentially, with jitter so that
+        workers that lost the store together do not come back together, up to `max_backoff_s`."""
         backoff = self.idle_poll_s
         while not self.stopping.is_set():
             try:
                 done = self.run_once()
+            except STORE_ERRORS as error:
+                log.warning("store unavailable (%s); retrying in about %.1f s", error, backoff)
+            except Exception:
+                log.exception("worker error; retrying in about %.1f s", backoff)
+            else:
                 backoff = self.idle_poll_s
-            except StorageError as error:
-                log.warning("store unavailable (%s); retrying in %.1f s", error, backoff)
-                done = 0
-                backoff = min(self.max_backoff_s, backoff * 2)
-            except Exception as error:
-                log.exception("worker loop error: %s", error)
-                done = 0
-                backoff = min(self.max_backoff_s, backoff * 2)
-            if not done:
-                self.stopping.wait(backoff)
+                if not done:
+                    self.stopping.wait(self.idle_poll_s)
+                continue
+            self.stopping.wait(backoff * random.uniform(0.5, 1.0))
+            backoff = min(self.max_backoff_s, backoff * 2)
 
     def stop(self) -> None:
         """Stop claiming; the batch in progress finishes first."""
@@ -102,57 +233,72 @@ class Worker:
 
     def run_once(self) -> int:
         """Claim one batch (up to `max_batch` compatible jobs), run it, publish it. Returns the number of jobs."""
-        first = self.queue.claim(self.worker_id, limit=1)
-        if not first:
+        leases = self.queue.claim(self.worker_id, limit=1)
+        if not leases:
             return 0
-        leases = first
-        key = first[0].job.batch_key
-        if self.max_batch > 1 and key is not None:
-            leases += self.queue.claim(self.worker_id, limit=self.max_batch - 1, match=key)
+        key = leases[0].job.batch_key
+        if self.max_batch > 1 and key is not None and not self.stopping.is_set():
+            try:
+                leases += self.queue.claim(self.worker_id, limit=self.max_batch - 1, match=key)
+            except STORE_ERRORS as error:
+                log.warning("could not claim more jobs for the batch: %s", error)
         self.run_batch(leases)
         return len(leases)
 
     def run_batch(self, leases: list[Lease]) -> None:
-        batch: list[_Running] = []
+        """Run claimed jobs as one batch and publish each job's images. A batch of several jobs that fails is run
+        again one job at a time, so that a poison job fails alone."""
+        jobs: list[_Running] = []
         for lease in leases:
             try:
-                params = params_of(lease.job.payload)
+                jobs.append(_Running(lease, params_of(lease.job.payload)))
             except ValueError as error:
                 self._fail(lease, f"invalid job payload: {error}", retryable=False)
-                continue
-            start = sum(len(job.rows) for job in batch)
-            batch.append(_Running(lease, params, range(start, start + params.num_images)))
-        if not batch:
+        if not jobs:
             return
+        keeper = _LeaseKeeper(self.queue, jobs, self.heartbeat_s)
         try:
-            pipe = self.registry.load(batch[0].params.model)
-        except PipelineError as error:
-            for job in batch:
-                self._fail(job.lease, str(error), retryable=False)
-            return
-        try:
-            images, timings = self._generate(pipe, batch)
-        except GenerationCanceled:
-            return  # every job of the batch was canceled or lost; the queue already records that
-        except PipelineError as error:
-            for job in batch:
-                if job.live:
-                    self._fail(job.lease, str(error), retryable=False)
-            return
-        except Exception as error:
-            log.exception("generation failed")
-            for job in batch:
-                if job.live:
-                    self._fail(job.lease, f"{type(error).__name__}: {error}", retryable=True)
-            return
-        for job in batch:
-            if job.live:
-                self._publish(job, pipe, images[job.rows.start : job.rows.stop], timings)
+            outcomes = self._run(jobs, keeper)
+        finally:
+            keeper.close()
+        for job in jobs:
+            self._finish(job, outcomes.get(job.id))
 
-    def _generate(self, pipe: Text2ImagePipeline, batch: list[_Running]) -> tuple[list[Image.Image], dict]:
-        first = batch[0].params
+    def _run(self, jobs: list[_Running], keeper: _LeaseKeeper) -> dict[str, _Published | _Failed]:
+        try:
+            pipe = self.registry.load(jobs[0].params.model)
+        except PipelineError as error:
+            # Retried: another worker may have the model, or the next load may succeed; then dead-lettered.
+            return {job.id: _Failed(str(error), retryable=True) for job in jobs}
+        try:
+            images, seconds = self._generate(pipe, jobs, keeper)
+        except GenerationCanceled:
+            return {}
+        except Exception as error:
+            live = [job for job in jobs if job.live]
+            if len(live) > 1:
+                log.warning("a batch of %d jobs failed (%s): running them one at a time", len(live), error)
+                return {job_id: outcome for job in live for job_id, outcome in self._run([job], keeper).items()}
+            if isinstance(error, PipelineError):  # the request itself is invalid: retrying cannot help
+                return {job.id: _Failed(str(error), retryable=False) for job in live}
+            log.exception("job %s failed", jobs[0].id)
+            return {job.id: _Failed(f"{type(error).__name__}: {error}", retryable=True) for job in live}
+        outcomes: dict[str, _Published | _Failed] = {}
+        row = 0
+        for job in jobs:
+            own = images[row : row + job.params.num_images]
+            row += job.params.num_images
+            if job.live:
+                outcomes[job.id] = self._upload(job, pipe, own, {"seconds": seconds, "batch_images": len(images)})
+        return outcomes
+
+    def _generate(
+        self, pipe: Text2ImagePipeline, jobs: list[_Running], keeper: _LeaseKeeper
+    ) -> tuple[list[Image.Image], float]:
+        first = jobs[0].params
         prompts, negatives, seeds = [], [], []
-        for job in batch:
+        for job in jobs:
+            assert job.params.seed is not None
             prompts += [job.params.prompt] * job.params.num_images
             negatives += [job.params.negative_prompt] * job.params.num_images
             seeds += [job.params.seed + i for i in range(job.params.num_images)]
@@ -166,90 +312,79 @@ class Worker:
             first.steps,
             first.guidance_scale,
             first.scheduler,
-            callback=self._on_step(batch),
+            callback=keeper.callback(jobs),
         )
-        return images, {"seconds": time.perf_counter() - started, "batch_images": len(images)}
+        return images, time.perf_counter() - started
 
-    def _on_step(self, batch: list[_Running]) -> Callable[[StepEvent], None]:
-        def on_step(event: StepEvent) -> None:
-            now = time.monotonic()
-            final = event.step == event.total
-            for job in batch:
-                if not job.live or (not final and event.step > 1 and now - job.last_beat < self.heartbeat_s):
-                    continue
-                progress = {
-                    "step": event.step,
-                    "total": event.total,
-                    "preview": _preview(event, job.rows.start),
-                }
-                try:
-                    job.lease = self.queue.heartbeat(job.lease, progress)
-                    job.last_beat = now
-                except JobCanceled:
-                    job.canceled = True
-                except LeaseLost:
-                    job.lost = True
-            if not any(job.live for job in batch):
-                raise GenerationCanceled("every job in the batch was canceled")
-
-        return on_step
-
-    def _publish(
-        self, job: _Running, pipe: Text2ImagePipeline, images: list[Image.Image], timings: dict
-    ) -> None:
-        owner, job_id, params = job.lease.job.owner, job.lease.job.id, job.params
-        written: list[str] = []
-        records = []
+    def _upload(
+        self, job: _Running, pipe: Text2ImagePipeline, images: list[Image.Image], timings: dict[str, Any]
+    ) -> _Published | _Failed:
+        owner, job_id, token, params = job.lease.job.owner, job.id, job.lease.token, job.params
+        assert params.seed is not None
         run = {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch."),
                **pipe.optimizations.to_dict(), "job_id": job_id}
+        written: list[str] = []
+        records = []
         try:
             for index, image in enumerate(images):
                 seed = params.seed + index
                 one = params.model_copy(update={"seed": seed, "num_images": 1})
-                key = image_key(owner, job_id, index)
+                key = image_key(owner, job_id, token, index)
                 self.store.put(key, png_bytes(image, one, pipe.info, run), "image/png")
                 written.append(key)
                 thumb = io.BytesIO()
                 preview = image.copy()
                 preview.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
                 preview.save(thumb, format="WEBP", quality=80)
-                self.store.put(thumbnail_key(owner, job_id, index), thumb.getvalue(), "image/webp")
-                written.append(thumbnail_key(owner, job_id, index))
+                thumb_key = thumbnail_key(owner, job_id, token, index)
+                self.store.put(thumb_key, thumb.getvalue(), "image/webp")
+                written.append(thumb_key)
                 records.append(
-                    {
-                        "id": f"{job_id}_{index}",
-                        "key": key,
-                        "seed": seed,
-                        "width": image.width,
-                        "height": image.height,
-                    }
+                    {"id": f"{job_id}_{index}", "key": key, "seed": seed, "width": image.width,
+                     "height": image.height}
                 )
-            self.queue.complete(
-                job.lease,
-                {
-                    "images": records,
-                    "model": pipe.info.name,
-                    "content_hash": pipe.info.content_hash,
-                    "attention": pipe.optimizations.attention,
-                    **timings,
-                },
-            )
-        except (JobCanceled, LeaseLost):
-            self._discard(written)
-        except StorageError as error:
-            self._discard(written)
-            self._fail(job.lease, f"could not store the images: {error}", retryable=True)
+        except STORE_ERRORS as error:
+            return _Failed(f"could not store the images: {error}", retryable=True, keys=written)
+        result = {
+            "images": records,
+            "model": pipe.info.name,
+            "content_hash": pipe.info.content_hash,
+            "attention": pipe.optimizations.attention,
+            **timings,
+        }
+        return _Published(written, result)
+
+    def _finish(self, job: _Running, outcome: _Published | _Failed | None) -> None:
+        """Complete or fail the job (the keeper has stopped, so its lease is ours to write)."""
+        keys = outcome.keys if outcome is not None else []
+        if not job.live or outcome is None:
+            self._discard(keys)
+        elif isinstance(outcome, _Failed):
+            self._discard(keys)
+            self._fail(job.lease, outcome.error, outcome.retryable)
+        else:
+            try:
+                self.queue.complete(job.lease, outcome.result)
+            except (JobCanceled, LeaseLost):
+                self._discard(keys)
+            except STORE_ERRORS as error:
+                # The completion may have landed; if not, the lease expires and the job runs again.
+                log.warning("could not complete job %s: %s", job.id, error)
 
     def _discard(self, keys: list[str]) -> None:
         for key in keys:
             try:
                 self.store.delete(key)
-            except StorageError:
+            except STORE_ERRORS:
                 log.warning("could not delete unpublished image %s", key)
 
     def _fail(self, lease: Lease, error: str, retryable: bool) -> None:
-        with contextlib.suppress(JobCanceled, LeaseLost):
+        try:
             self.queue.fail(lease, error, retryable=retryable)
+        except (JobCanceled, LeaseLost):
+            pass
+        except STORE_ERRORS as store_error:
+            log.warning("could not record the failure of job %s (%s): %s", lease.job.id, error, store_error)
 
 
 def _preview(event: StepEvent, row: int) -> str:
@@ -262,21 +397,31 @@ def _preview(event: StepEvent, row: int) -> str:
 
 
 def run_worker(settings: Any) -> int:
-    """`image-gen worker`: run one worker in the foreground; SIGTERM/SIGINT stop claiming, finish, exit 0."""
+    """`image-gen worker`: run one worker in the foreground. SIGTERM or SIGINT: stop claiming, finish the batch in
+    progress, exit 0; a second signal exits at once."""
     from image_gen.runtime import build_registry, open_queue
 
-    store, queue = open_queue(settings)
-    worker = Worker(queue, store, build_registry(settings, bootstrap=True), max_batch=settings.max_batch)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    worker: Worker | None = None
+    stop_requested = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("signal %d: finishing the current batch, then exiting", signum)
-        worker.stop()
+        signal.signal(signum, signal.SIG_DFL)
+        stop_requested.set()
+        if worker is not None:
+            worker.stop()
 
+    # Before the slow part (imports, model bootstrap), so that a signal during it also exits 0.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store, queue = open_queue(settings)
+    worker = Worker(queue, store, build_registry(settings, bootstrap=True), max_batch=settings.max_batch)
+    if stop_requested.is_set():
+        return 0
     log.info("worker %s on %s", worker.worker_id, settings.store)
     worker.run()
+    log.info("worker %s stopped", worker.worker_id)
     return 0
 
 

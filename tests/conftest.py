@@ -230,3 +230,66 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 # --- end of storage section ---------------------------------------------------------------------------------------
+
+
+# --- image_gen API: the served app on a free loopback port (owner: API) -------------------------------------------
+#
+# `start_api(**settings)` runs the whole app (API, in-process worker, webhook dispatcher; the studio if asked) under
+# a real uvicorn server in a thread of the test process, on the tiny models with a fresh local store, and returns
+# its base URL. Every server a module started stops at the end of the module. torch runs on one thread meanwhile.
+
+import socket  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., str]]:
+    import time
+
+    import torch
+    import uvicorn
+
+    from image_gen.api.app import create_app
+    from image_gen.settings import load_settings
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(*, with_studio: bool = False, **overrides) -> str:
+        options = {
+            "models_dir": tiny_models_dir,
+            "store": str(tmp_path_factory.mktemp("store")),
+            "default_model": "tiny-sd",
+            "device": "cpu",
+            "port": _free_port(),
+            "request_timeout_s": 60,
+            **overrides,
+        }
+        settings = load_settings(**options)
+        app = create_app(settings, with_studio=with_studio)
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{settings.port}"
+
+    yield start
+    for server, _ in servers:
+        server.should_exit = True
+    for _, thread in servers:
+        thread.join(timeout=30)
+    torch.set_num_threads(threads)
+
+
+# --- end of image_gen API section ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The FastAPI application: REST API, the studio at `/`, and the in-process workers of `image-gen serve`."""
+"""The FastAPI application: REST API, the studio at `/`, and the in-process workers and webhook dispatcher of
+`image-gen serve`."""
 
 from __future__ import annotations
 
@@ -11,20 +12,53 @@ from fastapi import FastAPI
 
 from image_gen import __version__
 from image_gen.api import errors
-from image_gen.api.routes import health, images, jobs, models
-from image_gen.runtime import build_registry, open_queue
+from image_gen.api.routes import health, images, jobs, models, sdapi, webhooks
+from image_gen.api.schemas import JobView
+from image_gen.api.submission import Submission
+from image_gen.auth import KeyStore, ServerSecret
+from image_gen.errors import ImageGenError
+from image_gen.limits import ConcurrencyQuota, RateLimiter
+from image_gen.metrics import HttpMetrics, MeteredJobQueue, Metrics
+from image_gen.runtime import build_registry
 from image_gen.service import GenerationService
 from image_gen.settings import Settings
+from image_gen.webhooks import WebhookDispatcher
 from image_gen.worker import Worker
+from storage.objects import open_store
 
 log = logging.getLogger("image_gen.api")
 
+DESCRIPTION = """Self-hostable text-to-image: OpenAI-compatible images API, async jobs with live progress and
+webhooks, and the Stable Diffusion web UI API. With API keys configured every route but /healthz, /readyz and
+/metrics needs `Authorization: Bearer <key>`. Errors are OpenAI-shaped: `{"error": {"message", "type", "param",
+"code"}}`. Guide: docs/api.md."""
+
 
 def create_app(settings: Settings, *, with_studio: bool = True) -> FastAPI:
-    """One app for API and studio; `settings.workers_in_process` workers run in threads while it serves."""
-    store, queue = open_queue(settings)
+    """One app for API and studio; `settings.workers_in_process` workers and a webhook dispatcher run in threads
+    while it serves."""
+    try:
+        store = open_store(settings.store)
+    except ValueError as error:
+        raise ImageGenError(str(error), param="store") from error
+    metrics = Metrics(queue_counts=lambda: queue.counts())
+    queue = MeteredJobQueue(store, metrics)
     registry = build_registry(settings, bootstrap=True)
     service = GenerationService(registry, store, queue, settings.default_model)
+    secret = ServerSecret(store, settings.secret_key.get_secret_value() if settings.secret_key else None)
+    dispatcher = WebhookDispatcher(
+        store,
+        queue,
+        secret,
+        lambda job: JobView.of(job).model_dump(mode="json"),
+        allowed_networks=settings.webhook_allowed_networks,
+        max_attempts=settings.webhook_max_attempts,
+        backoff_s=settings.webhook_backoff_s,
+        timeout_s=settings.webhook_timeout_s,
+        poll_s=settings.webhook_poll_s,
+        metrics=metrics,
+    )
+    limiter = RateLimiter()
     workers = [
         Worker(queue, store, registry, max_batch=settings.max_batch)
         for _ in range(settings.workers_in_process)
@@ -37,31 +71,35 @@ def create_app(settings: Settings, *, with_studio: bool = True) -> FastAPI:
         ]
         for thread in threads:
             thread.start()
+        dispatcher.start()
         log.info("serving with %d in-process worker(s) on store %s", len(workers), settings.store)
         try:
             yield
         finally:
+            dispatcher.stop()
             for worker in workers:
                 worker.stop()
             for thread in threads:
                 thread.join(timeout=60)
 
-    app = FastAPI(
-        title="image-gen",
-        version=__version__,
-        lifespan=lifespan,
-        description="Self-hostable text-to-image: OpenAI-compatible images API and async jobs.",
-    )
+    app = FastAPI(title="image-gen", version=__version__, lifespan=lifespan, description=DESCRIPTION)
     app.state.settings = settings
     app.state.service = service
     app.state.workers = workers
+    app.state.keys = KeyStore(store, cache_s=settings.auth_cache_s)
+    app.state.secret = secret
+    app.state.limiter = limiter
+    app.state.metrics = metrics
+    app.state.webhooks = dispatcher
+    app.state.submission = Submission(service, settings, limiter, ConcurrencyQuota(store, queue), dispatcher)
     errors.install(app)
-    for module in (health, models, jobs, images):
+    for module in (health, models, jobs, images, sdapi, webhooks):
         app.include_router(module.router)
+    errors.install_fallback(app)
+    app.add_middleware(errors.BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetrics, metrics=metrics)
     if with_studio:
-        import gradio as gr
+        from ui.studio import mount_studio
 
-        from ui.studio import build_studio
-
-        app = gr.mount_gradio_app(app, build_studio(service), path="/")
+        app = mount_studio(app, service, app.state.submission, app.state.keys)
     return app

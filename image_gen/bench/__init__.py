@@ -7,7 +7,9 @@ import importlib
 from pathlib import Path
 
 BENCHMARKS = {
+    "api": "image_gen.bench.api",
     "pipeline": "image_gen.bench.pipeline",
+    "queue": "image_gen.bench.queue",
 }
 
 

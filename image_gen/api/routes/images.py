@@ -1,22 +1,32 @@
-"""OpenAI-compatible `POST /v1/images/generations` (submit and wait) and the owner-only image download."""
+"""OpenAI-compatible `POST /v1/images/generations` (submit and wait) and `GET /v1/images/{id}` (the owner, or
+anyone holding a signed link that has not expired)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import io
+import time
 from typing import Annotated
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from PIL import Image
 
-from image_gen.api.deps import AppSettings, Owner, Service
-from image_gen.api.schemas import ImageRequest
+from image_gen.api.deps import AppSettings, CurrentCaller, OptionalCaller, Service, Submit
+from image_gen.api.errors import ERROR_RESPONSES, ErrorResponse
+from image_gen.api.schemas import ImageData, ImageRequest, ImagesResponse
+from image_gen.auth import ServerSecret
 from image_gen.errors import ImageGenError
+from image_gen.service import GenerationService
+from storage.objects import S3ObjectStore
 
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = APIRouter(prefix="/v1/images", tags=["images"], responses=ERROR_RESPONSES)
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+ImageFormat = Annotated[str, Query(pattern="^(png|jpeg|webp)$", description="png (as stored), jpeg or webp")]
 
 
 def convert(png: bytes, output_format: str, compression: int | None) -> bytes:
@@ -30,37 +40,79 @@ def convert(png: bytes, output_format: str, compression: int | None) -> bytes:
     return buffer.getvalue()
 
 
-@router.post("/generations")
-async def generate_images(
-    body: ImageRequest, request: Request, service: Service, owner: Owner, settings: AppSettings
-) -> dict:
-    job = await asyncio.to_thread(
-        service.submit, owner, body.generation_params(), output_format=body.output_format
+def _link_signature(secret: ServerSecret, image_id: str, output_format: str, expires: int) -> str:
+    message = f"{image_id}|{output_format}|{expires}".encode()
+    return hmac.new(secret.derive("image-link"), message, hashlib.sha256).hexdigest()
+
+
+def image_link(
+    request: Request,
+    service: GenerationService,
+    owner: str,
+    image_id: str,
+    output_format: str,
+    expires_s: int,
+) -> str:
+    """A link that fetches the image without a key until it expires: presigned on S3 for PNGs, else our own
+    signed `/v1/images/{id}` URL."""
+    if output_format == "png" and isinstance(service.store, S3ObjectStore):
+        return service.image_url(owner, image_id, expires_s)
+    expires = int(time.time()) + expires_s
+    settings = request.app.state.settings
+    base = (settings.public_url or str(request.base_url)).rstrip("/")
+    query = urlencode(
+        {
+            "format": output_format,
+            "expires": expires,
+            "signature": _link_signature(request.app.state.secret, image_id, output_format, expires),
+        }
     )
-    job = await asyncio.to_thread(service.wait, owner, job.id, settings.request_timeout_s)
-    if job.status == "succeeded":
-        data = []
-        for record in job.result["images"]:
-            if body.response_format == "url":
-                data.append(
-                    {
-                        "url": str(request.url_for("get_image", image_id=record["id"]))
-                        + f"?format={body.output_format}"
-                    }
-                )
-            else:
-                stored = await asyncio.to_thread(service.image, owner, record["id"])
-                encoded = convert(stored.data, body.output_format, body.output_compression)
-                data.append({"b64_json": base64.b64encode(encoded).decode()})
-        return {"created": int(job.created_at), "data": data, "output_format": body.output_format}
-    if job.status in ("failed", "canceled"):
-        raise ImageGenError(
-            f"job {job.id} {job.status}: {job.error or 'no error text'}", code="generation_failed"
-        )
-    raise ImageGenError(
-        f"job {job.id} is still {job.status} after {settings.request_timeout_s:g} s: poll "
-        f"GET /v1/jobs/{job.id}",
-        code="timeout",
+    return f"{base}/v1/images/{image_id}?{query}"
+
+
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses={504: {"model": ErrorResponse, "description": "the job outlasted request_timeout_s"}},
+)
+async def generate_images(
+    body: ImageRequest,
+    request: Request,
+    caller: CurrentCaller,
+    service: Service,
+    submit: Submit,
+    settings: AppSettings,
+) -> ImagesResponse:
+    """Generate and wait (up to the server's request_timeout_s): OpenAI's images API."""
+    model = await asyncio.to_thread(service.model, body.model)
+    job = await submit.generate(caller, body.generation_params(model), body.output_format)
+    data = []
+    for record in job.result["images"]:
+        if body.response_format == "url":
+            url = await asyncio.to_thread(
+                image_link,
+                request,
+                service,
+                caller.owner,
+                record["id"],
+                body.output_format,
+                settings.image_url_expires_s,
+            )
+            data.append(ImageData(url=url))
+        else:
+            stored = await asyncio.to_thread(service.image, caller.owner, record["id"])
+            encoded = await asyncio.to_thread(
+                convert, stored.data, body.output_format, body.output_compression
+            )
+            data.append(ImageData(b64_json=base64.b64encode(encoded).decode()))
+    params = job.payload["params"]
+    return ImagesResponse(
+        created=int(job.created_at),
+        data=data,
+        output_format=body.output_format,
+        size=f"{params['width']}x{params['height']}",
+        quality=body.quality or "auto",
     )
 
 
@@ -68,15 +120,35 @@ async def generate_images(
     "/{image_id}",
     name="get_image",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}, "description": "the image"}
+    },
 )
 def get_image(
-    image_id: str,
+    image_id: Annotated[str, Path(max_length=300)],
     service: Service,
-    owner: Owner,
-    format: Annotated[str, Query(pattern="^(png|jpeg|webp)$")] = "png",
-    thumbnail: bool = False,
+    caller: OptionalCaller,
+    request: Request,
+    format: ImageFormat = "png",
+    thumbnail: Annotated[bool, Query(description="a small WebP preview instead")] = False,
+    expires: Annotated[int | None, Query(ge=0, description="of a signed link")] = None,
+    signature: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$", description="of a signed link")] = None,
 ) -> Response:
+    """The image as PNG (with its generation parameters), JPEG or WebP: for the key that made it, or through a
+    signed link from `response_format=url`."""
+    if signature is not None or expires is not None:
+        expected = _link_signature(request.app.state.secret, image_id, format, expires or 0)
+        if signature is None or not hmac.compare_digest(expected, signature) or (expires or 0) < time.time():
+            raise ImageGenError(
+                "the image link is invalid or has expired", param="signature", code="not_found"
+            )
+        owner = service.owner_of(image_id.rpartition("_")[0])
+    elif caller is None:
+        raise ImageGenError(
+            "missing API key: send the header `Authorization: Bearer <key>`", code="missing_api_key"
+        )
+    else:
+        owner = caller.owner
     stored = service.image(owner, image_id, thumbnail=thumbnail)
     if thumbnail:
         return Response(stored.data, media_type=stored.content_type)

@@ -1,33 +1,43 @@
-"""Async image jobs: submit (202), list, get, cancel, and live progress as Server-Sent Events."""
+"""Async image jobs: submit (202), list, get, cancel, live progress as Server-Sent Events, and the job's webhook."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from image_gen.api.deps import Owner, Service
-from image_gen.api.schemas import JobList, JobRequest, JobView
-from storage.queue import STATUSES
+from image_gen.api.deps import CurrentCaller, Service, Submit, Webhooks
+from image_gen.api.errors import ERROR_RESPONSES
+from image_gen.api.schemas import JobList, JobRequest, JobView, WebhookRecord
+from image_gen.errors import ImageGenError
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-StatusFilter = Literal[STATUSES]  # type: ignore[valid-type]
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
+JobId = Annotated[str, Path(max_length=200)]
+EVENT_POLL_S = 0.2
+KEEPALIVE_S = 15.0
 
 
 @router.post("", status_code=202, response_model=JobView)
 def submit_job(
     body: JobRequest,
+    caller: CurrentCaller,
     service: Service,
-    owner: Owner,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    submit: Submit,
+    idempotency_key: Annotated[
+        str | None,
+        Header(max_length=200, description="the same key returns the first job instead of a new one"),
+    ] = None,
 ) -> JSONResponse:
-    job = service.submit(
-        owner,
-        body.generation_params(),
+    """Queue a generation and return at once; follow it with GET /v1/jobs/{id} or its events."""
+    job = submit.submit(
+        caller,
+        body.generation_params(service.model(body.model)),
         idempotency_key=idempotency_key,
         priority=body.priority,
         output_format=body.output_format,
@@ -41,46 +51,67 @@ def submit_job(
 
 @router.get("", response_model=JobList)
 def list_jobs(
+    caller: CurrentCaller,
     service: Service,
-    owner: Owner,
     status: StatusFilter | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=1100)] = None,
 ) -> JobList:
-    page = service.jobs(owner, status=status, limit=limit, cursor=cursor)
+    """The caller's jobs: queued ones in the order they will run, then the rest newest first."""
+    page = service.jobs(caller.owner, status=status, limit=limit, cursor=cursor)
     return JobList(data=[JobView.of(job) for job in page.jobs], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: str, service: Service, owner: Owner) -> JobView:
-    job = service.job(owner, job_id)
+def get_job(job_id: JobId, caller: CurrentCaller, service: Service) -> JobView:
+    job = service.job(caller.owner, job_id)
     return JobView.of(job, service.position(job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
-def cancel_job(job_id: str, service: Service, owner: Owner) -> JobView:
-    return JobView.of(service.cancel(owner, job_id))
+def cancel_job(job_id: JobId, caller: CurrentCaller, service: Service) -> JobView:
+    """Cancel: a queued job at once, a running one within a denoising step."""
+    return JobView.of(service.cancel(caller.owner, job_id))
 
 
-@router.get("/{job_id}/events")
-async def job_events(job_id: str, service: Service, owner: Owner) -> StreamingResponse:
-    """`queued` (with the queue position), `progress` (step i of N with a preview), then `done` or `failed`."""
-    service.job(owner, job_id)
+@router.get("/{job_id}/webhook", response_model=WebhookRecord)
+def job_webhook(job_id: JobId, caller: CurrentCaller, service: Service, webhooks: Webhooks) -> WebhookRecord:
+    """The job's webhook and every delivery attempt so far."""
+    service.job(caller.owner, job_id)
+    record = webhooks.record(job_id)
+    if record is None:
+        raise ImageGenError(f"job {job_id!r} has no webhook", param="id", code="not_found")
+    return WebhookRecord.model_validate(record)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+)
+async def job_events(job_id: JobId, caller: CurrentCaller, service: Service) -> StreamingResponse:
+    """Server-Sent Events: `queued` (with the queue position), `progress` (step i of N with a preview), then
+    `done`, `failed` or `canceled`; each carries the job as GET /v1/jobs/{id} shows it."""
+    await asyncio.to_thread(service.job, caller.owner, job_id)
 
     async def events() -> AsyncIterator[str]:
-        version = -1
+        version, last_sent = -1, time.monotonic()
         while True:
-            job = await asyncio.to_thread(service.job, owner, job_id)
+            job = await asyncio.to_thread(service.job, caller.owner, job_id)
             if job.version != version:
                 version = job.version
                 view = JobView.of(job, await asyncio.to_thread(service.position, job), with_preview=True)
                 kind = {"queued": "queued", "running": "progress", "succeeded": "done"}.get(
-                    job.status, "failed"
+                    job.status, job.status
                 )
                 yield f"event: {kind}\ndata: {json.dumps(view.model_dump(mode='json'))}\n\n"
+                last_sent = time.monotonic()
                 if job.finished:
                     return
-            await asyncio.sleep(0.2)
+            elif time.monotonic() - last_sent > KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            await asyncio.sleep(EVENT_POLL_S)
 
     return StreamingResponse(
         events(),

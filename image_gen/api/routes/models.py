@@ -4,31 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from image_gen.api.deps import Service
+from image_gen.api.deps import CurrentCaller, Service
+from image_gen.api.errors import ERROR_RESPONSES
+from image_gen.api.schemas import ModelCard, ModelList
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], responses=ERROR_RESPONSES)
 
 
-@router.get("/models")
-def list_models(service: Service) -> dict:
-    data = []
-    for info in service.models():
-        data.append(
-            {
-                "id": info.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "image-gen",
-                "architecture": info.architecture,
-                "label": info.label,
-                "description": info.description,
-                "native_size": info.native_size,
-                "allowed_sizes": info.allowed_sizes,
-                "default_scheduler": info.default_scheduler,
-                "default_steps": info.default_steps,
-                "default_guidance": info.default_guidance,
-                "presets": info.presets,
-                "content_hash": info.content_hash,
-            }
-        )
-    return {"object": "list", "data": data}
+@router.get("/models", response_model=ModelList)
+def list_models(caller: CurrentCaller, service: Service) -> ModelList:
+    return ModelList(data=[ModelCard.of(info) for info in service.models()])
