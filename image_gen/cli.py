@@ -37,7 +37,7 @@ PASSTHROUGH_COMMANDS = {
     "keys": ("image_gen.auth", "main", "create, list and revoke API keys"),
 }
 SERVICE_COMMANDS = {
-    "serve": ("image_gen.server", "serve"),
+    "serve": ("ui.app", "serve"),
     "worker": ("image_gen.worker", "run_worker"),
 }
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from image_gen.errors import ImageGenError
 from image_gen.settings import Settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("image_gen.server")
 
@@ -47,13 +52,14 @@ def check_exposure(settings: Settings) -> None:
     )
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, app_factory: Callable[[Settings], FastAPI] | None = None) -> int:
+    """Serve the app that `app_factory` builds (default: the API alone) under uvicorn."""
     import uvicorn
 
     from image_gen.api.app import create_app
 
     check_exposure(settings)
-    app = create_app(settings)
+    app = (app_factory or create_app)(settings)
     print(
         f"image-gen: studio and API on http://{settings.host}:{settings.port}/ (store {settings.store})",
         flush=True,

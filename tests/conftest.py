@@ -257,6 +257,7 @@ def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     from image_gen.api.app import create_app
     from image_gen.settings import load_settings
+    from ui.app import create_product_app
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -273,7 +274,7 @@ def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             **overrides,
         }
         settings = load_settings(**options)
-        app = create_app(settings, with_studio=with_studio)
+        app = create_product_app(settings) if with_studio else create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

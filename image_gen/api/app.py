@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -34,9 +34,9 @@ webhooks, and the Stable Diffusion web UI API. With API keys configured every ro
 "code"}}`. Guide: docs/api.md."""
 
 
-def create_app(settings: Settings, *, with_studio: bool = True) -> FastAPI:
-    """One app for API and studio; `settings.workers_in_process` workers and a webhook dispatcher run in threads
-    while it serves."""
+def create_app(settings: Settings, *, mount_ui: Callable[[FastAPI], FastAPI] | None = None) -> FastAPI:
+    """The API app; `settings.workers_in_process` workers and a webhook dispatcher run in threads while it serves.
+    `mount_ui` adds the user interfaces on top (the `ui` package does: this layer does not import it)."""
     try:
         store = open_store(settings.store)
     except ValueError as error:
@@ -98,8 +98,4 @@ def create_app(settings: Settings, *, with_studio: bool = True) -> FastAPI:
     errors.install_fallback(app)
     app.add_middleware(errors.BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetrics, metrics=metrics)
-    if with_studio:
-        from ui.studio import mount_studio
-
-        app = mount_studio(app, service, app.state.submission, app.state.keys)
-    return app
+    return mount_ui(app) if mount_ui is not None else app

@@ -1,0 +1,22 @@
+"""The whole product in one app: the REST API with the studio mounted at `/` (what `image-gen serve` runs)."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from image_gen.api.app import create_app
+from image_gen.server import serve as serve_app
+from image_gen.settings import Settings
+from ui.studio import mount_studio
+
+
+def create_product_app(settings: Settings) -> FastAPI:
+    def mount(app: FastAPI) -> FastAPI:
+        return mount_studio(app, app.state.service, app.state.submission, app.state.keys)
+
+    return create_app(settings, mount_ui=mount)
+
+
+def serve(settings: Settings) -> int:
+    """`image-gen serve`: API, studio and in-process workers on one port."""
+    return serve_app(settings, create_product_app)
