@@ -125,6 +125,7 @@ def main(argv: list[str], out: Path) -> int:
         parser.error("--stores takes local and/or s3; --jobs, --repeats and --limits must be at least 1")
 
     samples: dict[tuple[str, int], list[dict]] = {(kind, limit): [] for kind in kinds for limit in limits}
+    load_before = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=args.local_dir, prefix="bench-queue-")))
         if "s3" in kinds:
@@ -151,8 +152,13 @@ def main(argv: list[str], out: Path) -> int:
                 "runs": runs,
             }
         )
-    data = {"machine": machine(), "jobs": args.jobs, "repeats": args.repeats, "s3_endpoint": "moto (127.0.0.1)",
-            "results": rows}
+    data = {
+        "machine": {**machine(), "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)]},
+        "jobs": args.jobs,
+        "repeats": args.repeats,
+        "s3_endpoint": "moto (127.0.0.1)",
+        "results": rows,
+    }
     for path in write_report(out, args.name, markdown(rows, args, data["machine"]), data):
         print(path)
     return 0

@@ -93,7 +93,7 @@ def worker_process(store_url: str, models_dir: str, hash_cache: str, env: dict[s
                     idle_poll_s=0.5, max_backoff_s=2.0)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     registry.load("tinier")
-    Path(ready).touch()
+    Path(ready).touch()  # after the SIGTERM handler: the supervisor terminates only workers that are ready
     worker.run()
 
 
@@ -234,6 +234,9 @@ def test_every_job_completes_exactly_once_while_workers_are_killed(
                         if not (current := queue.get(job.id)).finished:
                             break
                         finished[job.id] = current
+        wait_until = time.monotonic() + 60
+        while len(in_service()) < len(workers) and time.monotonic() < wait_until:
+            time.sleep(0.2)
         for process in workers:
             process.terminate()  # SIGTERM: finish the batch, exit 0
         for process in workers:

@@ -66,10 +66,6 @@ def submit(service: GenerationService, owner: str, prompt: str, **params: Any) -
     return service.submit(owner, GenerationParams(prompt=prompt, **{**TINY, **params}))
 
 
-def worker(queue: JobQueue, store: ObjectStore, registry: ModelRegistry, **options: Any) -> Worker:
-    return Worker(queue, store, registry, **options)
-
-
 class PipelineCalls:
     """Records every batch the pipeline runs (its prompts and seeds); optionally fails some of them."""
 
@@ -108,7 +104,7 @@ def test_a_job_runs_end_to_end_and_publishes_pngs_and_thumbnails_under_its_owner
 ) -> None:
     job = submit(service, "alice", "a red circle", seed=7, num_images=2)
 
-    assert worker(queue, store, registry).run_once() == 1
+    assert Worker(queue, store, registry).run_once() == 1
 
     done = queue.get(job.id)
     assert done.status == "succeeded" and done.attempts == 1
@@ -144,11 +140,13 @@ def test_compatible_jobs_run_as_one_pipeline_call_and_get_the_images_of_single_r
     requests = [("a red circle", 11, 1), ("two blue stars", 22, 2), ("a green cross", 33, 1)]
     batched = [submit(service, "alice", prompt, seed=seed, num_images=n) for prompt, seed, n in requests]
 
-    assert worker(queue, store, registry, max_batch=4).run_once() == 3
+    assert Worker(queue, store, registry, max_batch=4).run_once() == 3
 
-    assert calls.batches == [(["a red circle", "two blue stars", "two blue stars", "a green cross"], [11, 22, 23, 33])]
+    assert calls.batches == [
+        (["a red circle", "two blue stars", "two blue stars", "a green cross"], [11, 22, 23, 33])
+    ]
     singles = [submit(service, "bob", prompt, seed=seed, num_images=n) for prompt, seed, n in requests]
-    single_worker = worker(queue, store, registry, max_batch=1)
+    single_worker = Worker(queue, store, registry, max_batch=1)
     for _ in singles:
         assert single_worker.run_once() == 1
     assert len(calls.batches) == 4
@@ -172,7 +170,7 @@ def test_incompatible_jobs_are_not_batched(
         submit(service, "alice", "bigger", width=64, height=64),
         submit(service, "alice", "other model", model="tiny-minilm"),
     ]
-    w = worker(queue, store, registry, max_batch=4)
+    w = Worker(queue, store, registry, max_batch=4)
 
     assert [w.run_once() for _ in jobs] == [1, 1, 1, 1]
 
@@ -181,11 +179,11 @@ def test_incompatible_jobs_are_not_batched(
     assert all(queue.get(job.id).status == "succeeded" for job in jobs)
 
 
-# --- progress and cancellation ----------------------------------------------------------------------------------------------
+# --- progress and cancellation ---------------------------------------------------------------------------------
 
 
 class UnetSteps:
-    """Counts UNet forward passes (one per denoising step) and runs `at_step` after the given one."""
+    """Counts UNet forward passes (one per denoising step) and runs `action` right after pass `at_step`."""
 
     def __init__(self, registry: ModelRegistry, model: str, at_step: int, action: Callable[[], None]) -> None:
         self.count = 0
@@ -211,7 +209,7 @@ def test_heartbeats_publish_the_progress_of_a_running_job(
     job = submit(service, "alice", "watch me", steps=40)
     seen: list[dict[str, Any] | None] = []
     with UnetSteps(registry, "tiny-sd", at_step=30, action=lambda: seen.append(queue.get(job.id).progress)):
-        worker(queue, store, registry, heartbeat_s=0.02).run_once()
+        Worker(queue, store, registry, heartbeat_s=0.02).run_once()
 
     (progress,) = seen
     assert progress is not None and 1 <= progress["step"] < 30 and progress["total"] == 40
@@ -224,7 +222,7 @@ def test_cancelling_a_running_job_stops_it_within_one_step_and_publishes_nothing
 ) -> None:
     job = submit(service, "alice", "a long one", steps=30)
     with UnetSteps(registry, "tiny-sd", at_step=5, action=lambda: service.cancel("alice", job.id)) as steps:
-        worker(queue, store, registry).run_once()
+        Worker(queue, store, registry).run_once()
 
     assert steps.count <= 6
     canceled = queue.get(job.id)
@@ -237,7 +235,7 @@ def test_cancelling_one_job_of_a_batch_lets_the_others_finish(
 ) -> None:
     keep, cancel = (submit(service, "alice", prompt, steps=10) for prompt in ("keep me", "cancel me"))
     with UnetSteps(registry, "tiny-sd", at_step=3, action=lambda: service.cancel("alice", cancel.id)) as steps:
-        assert worker(queue, store, registry, max_batch=2).run_once() == 2
+        assert Worker(queue, store, registry, max_batch=2).run_once() == 2
 
     assert steps.count == 10
     assert queue.get(keep.id).status == "succeeded"
@@ -259,7 +257,7 @@ def test_the_lease_is_kept_alive_through_a_model_load_longer_than_the_lease(
         return load(name)
 
     monkeypatch.setattr(registry, "load", slow_load)
-    worker(queue, store, registry, heartbeat_s=0.2).run_once()
+    Worker(queue, store, registry, heartbeat_s=0.2).run_once()
 
     assert reclaimed == []
     done = queue.get(job.id)
@@ -275,7 +273,7 @@ def test_a_poison_job_is_dead_lettered_after_max_attempts_and_the_jobs_batched_w
 ) -> None:
     calls = PipelineCalls(monkeypatch, fail_if=lambda prompts: "poison" in prompts)
     jobs = [submit(service, "alice", prompt) for prompt in ("fine", "poison", "also fine")]
-    w = worker(queue, store, registry, max_batch=4)
+    w = Worker(queue, store, registry, max_batch=4)
 
     fine, poison, also_fine = run_until_finished(w, queue, jobs)
 
@@ -298,7 +296,7 @@ def test_a_job_whose_model_fails_to_load_is_dead_lettered_with_the_load_error(
     for weights in (tmp_path / "models" / "fragile" / "unet").glob("*.safetensors"):
         weights.write_bytes(b"not safetensors")  # the model breaks after the job was accepted
 
-    broken, fine = run_until_finished(worker(queue, store, registry), queue, [broken, fine])
+    broken, fine = run_until_finished(Worker(queue, store, registry), queue, [broken, fine])
 
     assert broken.status == "failed" and broken.attempts == 3
     with pytest.raises(PipelineError) as load_error:
@@ -332,7 +330,7 @@ def test_another_owners_job_starts_within_the_next_max_batch_claims(
     for i in range(200):
         submit(service, "alice", f"backlog {i}", steps=1)
     bobs = submit(service, "bob", "just one", steps=1 if compatible else 2)
-    w = worker(queue, store, registry, max_batch=4)
+    w = Worker(queue, store, registry, max_batch=4)
 
     w.run_once()
     if not compatible:
@@ -519,7 +517,7 @@ def test_a_store_outage_mid_job_makes_the_worker_back_off_then_recover_without_l
     service = GenerationService(registry, view, JobQueue(view, lease_s=lease_s))
     interrupted = submit(service, "alice", "interrupted by the outage", steps=10)
     waiting = submit(service, "alice", "queued during the outage", steps=1)
-    w = worker(JobQueue(worker_store, lease_s=lease_s), worker_store, registry, idle_poll_s=0.05,
+    w = Worker(JobQueue(worker_store, lease_s=lease_s), worker_store, registry, idle_poll_s=0.05,
                max_backoff_s=1.0, heartbeat_s=0.5)
     timer = threading.Timer(outage_s, outage.end)
     thread = threading.Thread(target=w.run, name="worker")
@@ -558,7 +556,7 @@ def test_a_store_outage_before_any_job_does_not_stop_the_worker(
     outage_store: tuple[ObjectStore, ObjectStore, Any], registry: ModelRegistry
 ) -> None:
     worker_store, view, outage = outage_store
-    w = worker(JobQueue(worker_store), worker_store, registry, idle_poll_s=0.05, max_backoff_s=0.5)
+    w = Worker(JobQueue(worker_store), worker_store, registry, idle_poll_s=0.05, max_backoff_s=0.5)
     thread = threading.Thread(target=w.run, name="worker")
     outage.begin()
     try:
@@ -583,7 +581,7 @@ def test_an_invalid_payload_is_dead_lettered_at_once(
     bad = queue.submit("alice", {"params": {"prompt": 3}})
     good = queue.submit("alice", job_payload(params.model_copy(update={"seed": 1, "scheduler": "ddim",
                                                                        "guidance_scale": 1.0})))
-    w = worker(queue, store, registry)
+    w = Worker(queue, store, registry)
 
     bad, good = run_until_finished(w, queue, [bad, good])
 
