@@ -48,7 +48,8 @@ OWNERS = ("ana", "ben", "cy")
 WORKERS = 4
 LEASE_S = 3.0
 MAX_ATTEMPTS = 50  # a job may be on a killed worker several times; here losing it is the failure, not retrying
-KILL_EVERY_S = (2.0, 4.0)
+KILL_EVERY_S = (1.0, 3.0)
+TICK_S = 0.2
 DEADLINE_S = 110.0
 # Imported once by the fork server, so that a worker starts in about a second instead of importing torch.
 PRELOAD = [
@@ -80,20 +81,36 @@ def open_chaos_store(url: str) -> ObjectStore:
     return open_store(url) if url.startswith("s3://") else VersionedLocalStore(url)
 
 
-def worker_process(store_url: str, models_dir: str, hash_cache: str, env: dict[str, str], ready: str) -> None:
-    """One worker process, which creates the file `ready` once its model is loaded; SIGTERM stops it after its
-    batch, SIGKILL is what the supervisor sends."""
+class FlaggedWorker(Worker):
+    """A worker that holds the file `busy` while it runs a batch. A SIGKILL skips the `finally`, so a flag left
+    behind by a killed worker proves the kill interrupted a batch, whose jobs must then run again elsewhere."""
+
+    def __init__(self, *args: Any, busy: Path, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.busy = busy
+
+    def run_batch(self, leases: list[Any]) -> None:
+        self.busy.write_text(json.dumps([lease.job.id for lease in leases]))
+        try:
+            super().run_batch(leases)
+        finally:
+            self.busy.unlink()
+
+
+def worker_process(store_url: str, models_dir: str, hash_cache: str, env: dict[str, str], flag: str) -> None:
+    """One worker process, which creates the file `<flag>.ready` once its model is loaded and holds `<flag>.busy`
+    while it runs a batch; SIGTERM stops it after its batch, SIGKILL is what the supervisor sends."""
     os.environ.update(env)
     torch.set_num_threads(1)
     # tqdm's default lock is a named semaphore, which a SIGKILLed process leaves behind; a thread lock does here.
     tqdm.tqdm.set_lock(threading.RLock())
     store = open_chaos_store(store_url)
     registry = ModelRegistry([Path(models_dir)], device="cpu", hash_cache=Path(hash_cache))
-    worker = Worker(JobQueue(store, lease_s=LEASE_S), store, registry, max_batch=4, heartbeat_s=LEASE_S / 3,
-                    idle_poll_s=0.5, max_backoff_s=2.0)
+    worker = FlaggedWorker(JobQueue(store, lease_s=LEASE_S), store, registry, max_batch=4,
+                           heartbeat_s=LEASE_S / 3, idle_poll_s=0.5, max_backoff_s=2.0, busy=Path(f"{flag}.busy"))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     registry.load("tinier")
-    Path(ready).touch()  # after the SIGTERM handler: the supervisor terminates only workers that are ready
+    Path(f"{flag}.ready").touch()  # after the SIGTERM handler: the supervisor terminates only workers that are ready
     worker.run()
 
 
@@ -190,12 +207,12 @@ def test_every_job_completes_exactly_once_while_workers_are_killed(
         jobs.append(queue.submit(OWNERS[i % len(OWNERS)], job_payload(params), batch_key=batch_key(params)))
     submitted = time.monotonic()
     rng = random.Random(6)
-    ready = tmp_path / "ready"
-    ready.mkdir()
-    workers: dict[Any, Path] = {}  # process -> the file it creates when ready
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    workers: dict[Any, Path] = {}  # process -> its flag files' stem
 
     def start() -> None:
-        flag = ready / uuid.uuid4().hex
+        flag = flags / uuid.uuid4().hex
         args = (url, str(chaos_models), str(hash_cache), env, str(flag))
         process = forkserver.Process(target=worker_process, args=args, name="chaos-worker")
         process.start()
@@ -203,14 +220,14 @@ def test_every_job_completes_exactly_once_while_workers_are_killed(
 
     def in_service() -> list[Any]:
         """The workers that are ready: killing one still starting would interrupt no job."""
-        return [process for process, flag in workers.items() if flag.exists()]
+        return [process for process, flag in workers.items() if flag.with_suffix(".ready").exists()]
 
     finished: dict[str, Any] = {}
-    kills = 0
+    kills = interrupting_kills = 0
     try:
         for _ in range(WORKERS):
             start()
-        next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
+        next_kill = time.monotonic()  # the first kill as soon as a worker is busy: a fast machine may need no more
         timeline: list[tuple[int, int]] = []  # (seconds, jobs queued), for the message of a timeout
         while len(finished) < JOBS:
             assert time.monotonic() - started < DEADLINE_S, (
@@ -218,14 +235,17 @@ def test_every_job_completes_exactly_once_while_workers_are_killed(
                 f"time: {timeline}; unfinished (status, attempts): "
                 f"{[(j.status, j.attempts) for j in map(queue.get, (j.id for j in jobs if j.id not in finished))]}"
             )
-            time.sleep(1.0)
+            time.sleep(TICK_S)
             timeline.append((round(time.monotonic() - started), len(list(store.list("q/")))))
-            if time.monotonic() >= next_kill and (candidates := in_service()):
-                victim = rng.choice(candidates)
+            # The victim is a worker in the middle of a batch, so that the kills interrupt jobs however fast
+            # the machine runs them; with none busy right now, the kill waits for the next tick.
+            busy = [process for process in in_service() if workers[process].with_suffix(".busy").exists()]
+            if time.monotonic() >= next_kill and busy:
+                victim = rng.choice(busy)
                 victim.kill()
                 victim.join()
-                del workers[victim]
                 kills += 1
+                interrupting_kills += workers.pop(victim).with_suffix(".busy").exists()
                 start()
                 next_kill = time.monotonic() + rng.uniform(*KILL_EVERY_S)
             if timeline[-1][1] == 0:  # nothing queued: are they all done?
@@ -263,6 +283,7 @@ def test_every_job_completes_exactly_once_while_workers_are_killed(
         assert record["seed"] == job.payload["params"]["seed"]
         assert Image.open(io.BytesIO(store.get(record["key"]).data)).size == (32, 32)
     assert list(store.list("q/")) == []
-    assert reruns > 0  # the kills did interrupt jobs, which ran again
-    print(f"{JOBS} jobs, {kills} kills, {reruns} jobs ran more than once; seconds: {submitted - started:.0f} to "
+    assert interrupting_kills > 0, f"none of the {kills} kills hit a worker in the middle of a batch"
+    assert reruns > 0  # the interrupted jobs ran again
+    print(f"{JOBS} jobs, {kills} kills ({interrupting_kills} mid-batch), {reruns} jobs ran more than once; seconds: {submitted - started:.0f} to "
           f"submit, {ran - submitted:.0f} to run, {time.monotonic() - ran:.0f} to check")
