@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
 
-from pipelines.errors import InvalidParamsError
-from pipelines.params import ModelInfo
-from pipelines.schedulers import scheduler_from_label
-from storage.pnginfo import PngInfo
+from image_gen.types import InvalidParamsError, ModelInfo, PngInfo, scheduler_from_label
 
 # ComfyUI's sampler names (KSampler's sampler_name) that are one of our schedulers.
 COMFYUI_SAMPLERS = {

@@ -30,12 +30,18 @@ from image_gen.auth import KeyStore
 from image_gen.errors import ImageGenError
 from image_gen.history import History, HistoryImage, images_of
 from image_gen.service import GenerationService
-from pipelines.errors import InvalidParamsError
-from pipelines.params import GenerationParams, ModelInfo
-from pipelines.schedulers import SCHEDULER_NAMES, SCHEDULERS
-from storage.objects import NotFound, StorageError
-from storage.pnginfo import PngInfo, read_png_info
-from storage.queue import Job
+from image_gen.types import (
+    SCHEDULER_NAMES,
+    SCHEDULERS,
+    GenerationParams,
+    InvalidParamsError,
+    Job,
+    ModelInfo,
+    NotFound,
+    PngInfo,
+    StorageError,
+    read_png_info,
+)
 from ui import views
 from ui.login import StudioLogin
 from ui.pnginfo import import_parameters
@@ -225,6 +231,11 @@ def progress_status(job: Job, position: int | None) -> str:
             "running", f"Step {step} of {total}", fraction=step / total, preview=progress.get("preview")
         )
     return views.status_html("running", "Generating…")
+
+
+def model_choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
+    """Dropdown entries: the name, with the model's label (such as "untrained") when it has one."""
+    return [(f"{m.name} ({m.label})" if m.label else m.name, m.name) for m in models]
 
 
 def header_html(user: str | None, *, loaded: bool = True) -> str:
@@ -515,8 +526,17 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
         )
 
     @readable
-    def on_load(nav: dict[str, Any], request: gr.Request) -> list[Any]:
-        return [header_html(login.user_name(request)), *show_history(nav, request)]
+    def on_load(nav: dict[str, Any], current: str | None, request: gr.Request) -> list[Any]:
+        """A new page: the user's header and history, and the models folder as it is now (models added or
+        removed since the server started show up without a restart)."""
+        models = service.models()
+        names = [m.name for m in models]
+        chosen = current if current in names else (service.model().name if names else None)
+        return [
+            header_html(login.user_name(request)),
+            gr.update(choices=model_choices(models), value=chosen),
+            *show_history(nav, request),
+        ]
 
     # --- compare ----------------------------------------------------------------------------------------------
 
@@ -674,7 +694,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
                     results_inspector = Inspector.build("results")
                 with gr.Column(scale=2, min_width=300, elem_id="settings"):
                     model = gr.Dropdown(
-                        [(f"{m.name} ({m.label})" if m.label else m.name, m.name) for m in service.models()],
+                        model_choices(service.models()),
                         value=default.name,
                         label="Model",
                         info=model_note(default),
@@ -901,7 +921,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
         previous_button.click(newer, history_nav, history_outputs, **private)
         next_button.click(older, history_nav, history_outputs, **private)
         history_tab.select(show_history, history_nav, history_outputs, **private)
-        studio.load(on_load, history_nav, [header, *history_outputs], **private)
+        studio.load(on_load, [history_nav, model], [header, model, *history_outputs], **private)
 
         png_image.change(read_png, png_image, [png_state, png_parameters, png_raw, send_button], **private)
         send_button.click(send_to_generate, [png_state, model], [*control_outputs, tabs], **private)

@@ -8,7 +8,7 @@ from html import escape
 from typing import Any
 
 from image_gen.history import HistoryImage
-from pipelines.schedulers import SCHEDULERS
+from image_gen.types import SCHEDULERS
 
 PREVIEW_PREFIX = "data:image/jpeg;base64,"
 SOURCES = {

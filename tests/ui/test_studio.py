@@ -299,6 +299,26 @@ def test_a_model_that_fails_to_load_is_a_readable_message(
 
 
 @browser
+def test_a_model_added_to_the_folder_is_offered_on_the_next_page_load(
+    start_api: Callable[..., str], tiny_sd_model: Path, tmp_path: Path, studio_page
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_sd_model, models / "tiny-sd")
+    studio = studio_page(start_api(with_studio=True, store=str(tmp_path / "store"), models_dir=models)).open()
+
+    def offered() -> list[str]:
+        studio.page.locator("#model input").click()
+        names = studio.page.get_by_role("option").all_inner_texts()
+        studio.page.keyboard.press("Escape")
+        return [name.split("\n")[-1].strip() for name in names]  # the selected one is "✓\nname"
+
+    assert offered() == ["tiny-sd"]
+    shutil.copytree(tiny_sd_model, models / "added-sd")  # a team drops a new model in, the server keeps running
+    studio.open()
+    assert sorted(offered()) == ["added-sd", "tiny-sd"]
+
+
+@browser
 def test_compare_shows_two_results_side_by_side_with_their_differences(studio_url: str, studio_page) -> None:
     studio = studio_page(studio_url).open()
     studio.prompt("a white cloud")
