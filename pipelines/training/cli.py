@@ -1,4 +1,4 @@
-"""`image-gen train vae|unet|distill|export`: the training commands and their defaults (which run on a CPU)."""
+"""`image-gen train vae|unet|distill|clip|export`: the training commands and their defaults (which run on a CPU)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ DEFAULTS = {
     "vae": {"steps": 3000, "batch_size": 16, "lr": 4e-4},
     "unet": {"steps": 40_000, "batch_size": 48, "lr": 3e-4},
     "distill": {"steps": 4000, "batch_size": 32, "lr": 1e-4},
+    "clip": {"steps": 700, "batch_size": 128, "lr": 2e-3, "dataset_size": 16_000},
 }
 
 
@@ -29,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint-every", type=int, default=250)
         p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
         p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
-        p.add_argument("--dataset-size", type=int, default=40_000)
+        p.add_argument("--dataset-size", type=int, default=DEFAULTS[stage].get("dataset_size", 40_000))
         p.add_argument("--image-size", type=int, default=128)
+        if stage == "clip":
+            p.add_argument("--out", type=Path, default=None,
+                           help="also save the trained model here (the bundled one: eval/models/inhouse-clip)")
     export = sub.add_parser("export", help="write the teacher and student as diffusers folders")
     export.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
     export.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
@@ -59,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.training.unet import UnetConfig, train_unet
 
         train_unet(config, UnetConfig())
+    elif args.stage == "clip":
+        from pipelines.training.clip import train_clip
+
+        train_clip(config, out=args.out)
     else:
         from pipelines.training.distill import DistillConfig, distill
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.training.scenes import make_dataset
+from pipelines.training.scenes import SCENE_VERSION, make_dataset
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CaptionedImages:
 def procedural_dataset(n: int, seed: int, size: int, cache_dir: Path | None = None) -> CaptionedImages:
     """`n` procedural scenes, rendered once and cached under `cache_dir` (same seed, same data)."""
     if cache_dir is not None:
-        stem = cache_dir / f"scenes-n{n}-s{seed}-{size}px"
+        stem = cache_dir / f"scenes-v{SCENE_VERSION}-n{n}-s{seed}-{size}px"
         if stem.with_suffix(".npy").exists() and stem.with_suffix(".jsonl").exists():
             captions = [json.loads(line)["caption"] for line in stem.with_suffix(".jsonl").open()]
             return CaptionedImages(np.load(stem.with_suffix(".npy"), mmap_mode="r"), captions)

@@ -6,6 +6,7 @@ with a warm-up so early weights do not linger in the shipped model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from diffusers.training_utils import EMAModel
 
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
 from pipelines.training.data import CaptionedImages, load_dataset
+from pipelines.training.scenes import SCENE_VERSION
 from pipelines.training.text import CaptionStates, load_text_encoder
 
 NOISE_SCHEDULE = {
@@ -90,7 +92,11 @@ def prepare_training_data(run: TrainingRun) -> tuple[torch.Tensor, CaptionedImag
     vae = AutoencoderKL.from_pretrained(config.run_dir / "vae" / "final").to(run.device)
     data = load_dataset(config.data, config.dataset_size, config.seed, config.image_size, config.run_dir / "data")
     tag = f"n{len(data)}-s{config.seed}-{config.image_size}px"
-    latents = encode_latents(vae, data, config.run_dir / "data" / f"latents-{tag}.npy")
+    if config.data == "procedural":
+        tag = f"v{SCENE_VERSION}-{tag}"
+    weights = config.run_dir / "vae" / "final" / "diffusion_pytorch_model.safetensors"
+    vae_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # new VAE weights, new latents
+    latents = encode_latents(vae, data, config.run_dir / "data" / f"latents-{tag}-vae{vae_id}.npy")
     tokenizer, encoder = load_text_encoder(run.device)
     states = CaptionStates(data.captions, tokenizer, encoder, config.run_dir / "data" / f"text-{tag}.npy")
     return latents, data, states

@@ -16,7 +16,8 @@ from pipelines.training.data import load_dataset
 @dataclass
 class VaeConfig:
     block_out_channels: tuple[int, ...] = (32, 64, 64, 128)
-    latent_channels: int = 8
+    latent_channels: int = 16
+    """8 channels blurred small shapes past the detector's reach (its accuracy on reconstructions: 78-88%)."""
     norm_num_groups: int = 16
     crop: int = 64
     """Train on random crops: the autoencoder is convolutional, so 64 px crops teach it 128 px images."""
