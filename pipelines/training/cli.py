@@ -1,10 +1,17 @@
-"""`image-gen train vae|unet|distill|clip|export`: the training commands and their defaults (which run on a CPU)."""
+"""`image-gen train vae|unet|distill|clip|export`: the training commands and their defaults (which run on a CPU).
+
+Bad input (a missing earlier stage, an unusable dataset, a non-positive number) prints one line and exits with 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
+from pipelines.errors import PipelineError
 from pipelines.training.common import RunConfig
 
 DEFAULTS = {
@@ -14,24 +21,58 @@ DEFAULTS = {
     "clip": {"steps": 700, "batch_size": 128, "lr": 2e-3, "dataset_size": 16_000},
 }
 
+# What each stage reads from the run folder, and the command that writes it.
+NEEDS = {
+    "unet": (("vae/final", "vae"),),
+    "distill": (("vae/final", "vae"), ("unet/final/unet-ema", "unet")),
+    "export": (("vae/final", "vae"), ("unet/final/unet-ema", "unet")),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, as every error of the `image-gen` command is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _check_inputs(stage: str, run_dir: Path) -> None:
+    for folder, command in NEEDS.get(stage, ()):
+        if not (run_dir / folder / "config.json").is_file():
+            raise PipelineError(f"{run_dir / folder} not found: run `image-gen train {command} --run-dir {run_dir}` "
+                                "first")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="image-gen train", description=__doc__)
+    parser = ArgumentParser(prog="image-gen train", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
     for stage in DEFAULTS:
         p = sub.add_parser(stage, help=f"train the {stage} stage")
         p.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"), help="checkpoints, logs and outputs")
-        p.add_argument("--steps", type=int, default=DEFAULTS[stage]["steps"])
-        p.add_argument("--batch-size", type=int, default=DEFAULTS[stage]["batch_size"])
-        p.add_argument("--lr", type=float, default=DEFAULTS[stage]["lr"])
+        p.add_argument("--steps", type=_positive(int), default=DEFAULTS[stage]["steps"])
+        p.add_argument("--batch-size", type=_positive(int), default=DEFAULTS[stage]["batch_size"])
+        p.add_argument("--lr", type=_positive(float), default=DEFAULTS[stage]["lr"])
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+        p.add_argument("--time-budget", type=_positive(float), default=None, metavar="MINUTES",
                        help="stop (with a checkpoint) after this many minutes; rerun to resume")
-        p.add_argument("--checkpoint-every", type=int, default=250)
+        p.add_argument("--checkpoint-every", type=_positive(int), default=250)
         p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
         p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
-        p.add_argument("--dataset-size", type=int, default=DEFAULTS[stage].get("dataset_size", 40_000))
-        p.add_argument("--image-size", type=int, default=128)
+        p.add_argument("--dataset-size", type=_positive(int), default=DEFAULTS[stage].get("dataset_size", 40_000))
+        p.add_argument("--image-size", type=_positive(int), default=128)
         if stage == "clip":
             p.add_argument("--out", type=Path, default=None,
                            help="also save the trained model here (the bundled one: eval/models/inhouse-clip)")
@@ -42,7 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_inputs(args.stage, args.run_dir)
+        return _run(args)
+    except PipelineError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.stage == "export":
         from pipelines.training.export import export_models
 

@@ -13,7 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines.errors import PipelineError
 from pipelines.training.scenes import SCENE_VERSION, make_dataset
+
+_LINE_FORMAT = '{"file": "images/x.png", "caption": "..."}'
 
 
 @dataclass
@@ -53,14 +56,28 @@ def folder_dataset(root: Path, size: int) -> CaptionedImages:
     """A user's folder: `captions.jsonl` naming image files relative to `root`, resized to `size`."""
     index = root / "captions.jsonl"
     if not index.is_file():
-        raise FileNotFoundError(f"{index} not found: a folder dataset needs captions.jsonl with lines "
-                                '{"file": "images/x.png", "caption": "..."}')
-    records = [json.loads(line) for line in index.open() if line.strip()]
+        raise PipelineError(f"{index} not found: a folder dataset needs captions.jsonl with lines {_LINE_FORMAT}")
+    records = []
+    for number, line in enumerate(index.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append((number, root / record["file"], str(record["caption"])))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise PipelineError(f"{index}:{number}: expected a line {_LINE_FORMAT}") from exc
+    if not records:
+        raise PipelineError(f"{index} lists no images: expected lines {_LINE_FORMAT}")
     images = np.empty((len(records), size, size, 3), dtype=np.uint8)
-    for i, record in enumerate(records):
-        with Image.open(root / record["file"]) as image:
-            images[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
-    return CaptionedImages(images, [record["caption"] for record in records])
+    for i, (number, path, _) in enumerate(records):
+        try:
+            with Image.open(path) as image:
+                images[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC))
+        except FileNotFoundError as exc:
+            raise PipelineError(f"{path} not found (named on line {number} of {index})") from exc
+        except OSError as exc:
+            raise PipelineError(f"{path} (line {number} of {index}) is not a readable image: {exc}") from exc
+    return CaptionedImages(images, [caption for _, _, caption in records])
 
 
 def load_dataset(source: str, n: int, seed: int, size: int, cache_dir: Path | None) -> CaptionedImages:

@@ -1,0 +1,216 @@
+"""`image-gen train vae|unet|distill|export` end to end on a tiny run (2 to 4 steps, 16 scenes at 64 px): the
+exported folders load in stock diffusers and generate, runs resume and stop on a time budget, and bad input is one
+line with exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.training.cli import main as train
+from pipelines.training.distill import DistillConfig
+from pipelines.training.export import STUDENT_NAME, TEACHER_NAME
+from pipelines.training.text import MAX_TOKENS
+
+IMAGE_SIZE = 64
+TINY = ["--batch-size", "2", "--dataset-size", "16", "--image-size", str(IMAGE_SIZE)]
+
+
+@dataclass
+class Chain:
+    run_dir: Path
+    out: Path
+    stdout: dict[str, str]
+    """What each command printed, by name (vae, unet, unet-resumed, distill, export), and the UNet's progress.json
+    after its first run (unet-progress)."""
+
+
+def run_quietly(argv: list[str]) -> tuple[int, str]:
+    """Run `image-gen train ...` in this process; its exit code and standard output (progress bars are dropped)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = train(argv)
+    return code, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
+    """vae (2 steps), unet (2 steps, then resumed to 4), distill (2 steps) and export, run once for the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run_dir, out = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("models")
+    stdout = {}
+    try:
+        for name, argv in (
+            ("vae", ["vae", "--steps", "2"]),
+            ("unet", ["unet", "--steps", "2"]),
+            ("unet-resumed", ["unet", "--steps", "4"]),
+            ("distill", ["distill", "--steps", "2"]),
+        ):
+            code, stdout[name] = run_quietly([*argv, "--run-dir", str(run_dir), *TINY])
+            assert code == 0, name
+            if name == "unet":
+                stdout["unet-progress"] = (run_dir / "unet" / "checkpoint" / "progress.json").read_text()
+        code, stdout["export"] = run_quietly(["export", "--run-dir", str(run_dir), "--out", str(out)])
+        assert code == 0, "export"
+    finally:
+        torch.set_num_threads(threads)
+    return Chain(run_dir, out, stdout)
+
+
+def one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("image-gen train"), lines[0]
+    return lines[0]
+
+
+# --- the chain ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_each_stage_writes_its_weights_and_config(chain: Chain) -> None:
+    run = chain.run_dir
+    for folder in ("vae/final", "unet/final/unet-ema", "unet/final/unet-raw", "distill/final/unet"):
+        assert (run / folder / "config.json").is_file() and (run / folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((run / "vae" / "final" / "config.json").read_text())["scaling_factor"] > 0
+    config = json.loads((run / "distill" / "config.json").read_text())
+    assert (config["steps"], config["batch_size"], config["dataset_size"], config["image_size"]) == (2, 2, 16, 64)
+
+
+@pytest.mark.slow
+def test_a_rerun_with_more_steps_resumes_from_the_checkpoint(chain: Chain) -> None:
+    assert json.loads(chain.stdout["unet-progress"])["step"] == 2
+    assert "resumed unet at step 2" in chain.stdout["unet-resumed"]
+    checkpoint = chain.run_dir / "unet" / "checkpoint"
+    assert json.loads((checkpoint / "progress.json").read_text())["step"] == 4
+    # A restart would have logged step 0 a second time, and its optimiser would have taken 2 steps, not 2 + 2.
+    logged = [json.loads(line)["step"] for line in (chain.run_dir / "unet" / "log.jsonl").open()]
+    assert logged == [0]
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
+
+
+@pytest.mark.slow
+def test_export_prints_the_teacher_and_student_folders(chain: Chain) -> None:
+    assert chain.stdout["export"].split() == [str(chain.out / TEACHER_NAME), str(chain.out / STUDENT_NAME)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [TEACHER_NAME, STUDENT_NAME])
+def test_stock_diffusers_loads_an_exported_folder_and_generates(chain: Chain, name: str) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(chain.out / name)
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe("a red circle to the left of a blue square", num_inference_steps=2, guidance_scale=1.5,
+                  generator=torch.Generator().manual_seed(0), output_type="np")
+    assert result.images.shape == (1, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.isfinite(result.images).all()
+    assert pipe.tokenizer.model_max_length == MAX_TOKENS
+    assert type(pipe.text_encoder).__name__ == "BertModel"
+
+
+@pytest.mark.slow
+def test_the_student_samples_with_lcm_and_a_guidance_embedding(chain: Chain) -> None:
+    from diffusers import DDIMScheduler, LCMScheduler, UNet2DConditionModel
+
+    student, teacher = chain.out / STUDENT_NAME, chain.out / TEACHER_NAME
+    assert LCMScheduler.load_config(student / "scheduler")["_class_name"] == "LCMScheduler"
+    assert DDIMScheduler.load_config(teacher / "scheduler")["_class_name"] == "DDIMScheduler"
+    student_unet = UNet2DConditionModel.from_pretrained(student / "unet")
+    assert student_unet.config.time_cond_proj_dim == DistillConfig().time_cond_proj_dim
+    assert student_unet.time_embedding.cond_proj is not None
+    assert UNet2DConditionModel.load_config(teacher / "unet")["time_cond_proj_dim"] is None
+
+
+@pytest.mark.slow
+def test_each_folder_has_an_image_gen_manifest_with_presets_and_sizes(chain: Chain) -> None:
+    teacher = json.loads((chain.out / TEACHER_NAME / "image-gen.json").read_text())
+    student = json.loads((chain.out / STUDENT_NAME / "image-gen.json").read_text())
+    for manifest in (teacher, student):
+        assert manifest["native_size"] == IMAGE_SIZE
+        assert f"{IMAGE_SIZE}x{IMAGE_SIZE}" in manifest["allowed_sizes"]
+        assert all(IMAGE_SIZE <= int(side) <= manifest["max_size"] for size in manifest["allowed_sizes"]
+                   for side in size.split("x"))
+    assert set(teacher["presets"]) == {"quality"} and teacher["distilled"] is False
+    assert set(student["presets"]) == {"speed", "quality"} and student["distilled"] is True
+    assert student["presets"]["speed"]["scheduler"] == "lcm" and student["default_steps"] <= 4
+    assert (student["default_scheduler"], teacher["default_scheduler"]) == ("lcm", "dpmpp_2m")
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_early_with_a_checkpoint(tmp_path: Path) -> None:
+    code, _ = run_quietly(["vae", "--steps", "100000", "--time-budget", "0.02", "--run-dir", str(tmp_path), *TINY])
+    assert code == 0
+    progress = json.loads((tmp_path / "vae" / "checkpoint" / "progress.json").read_text())
+    assert progress["step"] < 100000
+    assert (tmp_path / "vae" / "checkpoint" / "model.safetensors").is_file()
+
+
+# --- bad input: one line, exit code 2 ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stage", "missing", "run_first"), [
+    ("unet", "vae/final", "vae"),
+    ("distill", "unet/final/unet-ema", "unet"),
+    ("export", "unet/final/unet-ema", "unet"),
+])
+def test_a_stage_before_the_one_it_needs_is_refused(tmp_path: Path, capsys, stage: str, missing: str,
+                                                    run_first: str) -> None:
+    if stage != "unet":  # a VAE exists, so what is missing is the UNet
+        (tmp_path / "vae" / "final").mkdir(parents=True)
+        (tmp_path / "vae" / "final" / "config.json").write_text("{}")
+    assert train([stage, "--run-dir", str(tmp_path)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{tmp_path / missing} not found" in line and f"image-gen train {run_first}" in line
+    assert not (tmp_path / stage).exists()
+
+
+def test_a_data_folder_without_captions_jsonl_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "images").mkdir()
+    assert train(["vae", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "images"), *TINY]) == 2
+    assert f"{tmp_path / 'images' / 'captions.jsonl'} not found" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_data_folder_naming_a_missing_image_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "captions.jsonl").write_text('{"file": "gone.png", "caption": "a red square"}\n')
+    assert train(["vae", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path), *TINY]) == 2
+    assert f"{tmp_path / 'gone.png'} not found" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("argv", [
+    ["unet", "--steps", "0"],
+    ["vae", "--steps", "-3"],
+    ["vae", "--steps", "many"],
+    ["distill", "--batch-size", "0"],
+    ["vae", "--time-budget", "0"],
+    ["vae", "--dataset-size", "0"],
+])
+def test_non_positive_numbers_are_refused(tmp_path: Path, capsys, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        train([*argv, "--run-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert argv[1] in one_line_error(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_image_gen_command_reports_bad_training_input_in_one_line(tmp_path: Path) -> None:
+    image_gen = Path(sys.executable).with_name("image-gen")
+    assert image_gen.is_file(), "the image-gen console script is installed next to the interpreter"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(image_gen), "train", "unet", "--run-dir", str(tmp_path), "--steps", "2"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert "vae/final not found" in one_line_error(result.stderr)
