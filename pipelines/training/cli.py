@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write the teacher and student as diffusers folders")
     export.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
     export.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    report = sub.add_parser("report", help="loss plots and a summary of a run, for the model card")
+    report.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
+    report.add_argument("--out", type=Path, default=Path("docs/model-card"))
     return parser
 
 
@@ -94,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.stage == "report":
+        from pipelines.training.report import write_report
+
+        try:
+            written = write_report(args.run_dir, args.out)
+        except FileNotFoundError as error:
+            raise PipelineError(str(error)) from None
+        for path in written:
+            print(path)
+        return 0
     if args.stage == "export":
         from pipelines.training.export import export_models
 

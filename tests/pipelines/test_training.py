@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines.training.cli import main as train
 from pipelines.training.distill import DistillConfig
@@ -99,6 +100,21 @@ def test_a_rerun_with_more_steps_resumes_from_the_checkpoint(chain: Chain) -> No
     assert logged == [0]
     optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
     assert {int(state["step"]) for state in optimizer["state"].values()} == {4}
+
+
+@pytest.mark.slow
+def test_report_plots_each_stage_and_summarises_the_run(chain: Chain, tmp_path: Path) -> None:
+    code, printed = run_quietly(["report", "--run-dir", str(chain.run_dir), "--out", str(tmp_path)])
+    assert code == 0
+    assert sorted(Path(line).name for line in printed.split()) == [
+        "loss-distill.png", "loss-unet.png", "loss-vae.png", "training-summary.json"]
+    for stage in ("vae", "unet", "distill"):
+        with Image.open(tmp_path / f"loss-{stage}.png") as plot:
+            assert plot.size == (640, 360)
+    summary = json.loads((tmp_path / "training-summary.json").read_text())
+    assert {stage: summary[stage]["steps"] for stage in summary} == {"vae": 2, "unet": 4, "distill": 2}
+    assert summary["unet"]["config"]["unet"]["block_out_channels"] == [64, 128, 192]
+    assert summary["vae"]["final"]["loss"] > 0
 
 
 @pytest.mark.slow
