@@ -44,6 +44,10 @@ def build_registry(settings: Settings, *, bootstrap: bool) -> ModelRegistry:
             attention=settings.attention,
             vae_tiling=settings.vae_tiling,
             cpu_offload=settings.cpu_offload,
+            channels_last=settings.channels_last,
+            autocast=settings.autocast,
+            fuse_qkv=settings.fuse_qkv,
+            compile=settings.compile,
         )
 
     check_device(settings.device)
@@ -62,4 +66,4 @@ def open_queue(settings: Settings) -> tuple[ObjectStore, JobQueue]:
         store = open_store(settings.store)
     except ValueError as error:
         raise ImageGenError(str(error), param="store") from error
-    return store, JobQueue(store)
+    return store, JobQueue(store, lease_s=settings.lease_s)

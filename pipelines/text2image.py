@@ -24,9 +24,14 @@ from pipelines.attention import (
     ATTENTION_BACKENDS,
     VAE_TILING_MODES,
     Optimizations,
+    autocast_context,
+    check_autocast,
     check_choice,
+    compile_module,
     enable_cpu_offload,
     set_attention,
+    set_channels_last,
+    set_fused_qkv,
     set_vae_slicing,
     set_vae_tiling,
 )
@@ -169,12 +174,17 @@ class Text2ImagePipeline:
         vae_tiling: str = "auto",
         cpu_offload: bool = False,
         info: ModelInfo | None = None,
+        channels_last: bool = False,
+        autocast: str = "off",
+        fuse_qkv: bool = False,
+        compile: bool = False,
     ) -> "Text2ImagePipeline":
         """Load a diffusers folder from disk only (nothing is downloaded).
 
         device: "auto" (cuda, else mps, else cpu) or a torch device; dtype: "auto" (float16 on cuda/mps, float32 on
         cpu), "float32", "float16" or "bfloat16". `info` is the registry's entry for the folder (read here if None,
-        without a content hash).
+        without a content hash). channels_last, autocast ("off", "bfloat16", "float16"), fuse_qkv and compile are
+        the speed settings of pipelines.attention (docs/performance.md); compile pays its warm-up here, once.
         """
         path = Path(path)
         check_choice(attention, ATTENTION_BACKENDS, "attention")
@@ -196,11 +206,16 @@ class Text2ImagePipeline:
             dtypes["vae"] = (
                 torch.float32
             )  # the SDXL VAE overflows in float16; diffusers decodes in float32 too
+        autocast = check_autocast(autocast, torch_device, torch_dtype)
         parts = {name: load_component(path, index, name, dtypes[name]) for name in names}
+        applied_attention = set_attention(parts["unet"], attention, torch_device)
         optimizations = Optimizations(
-            attention=set_attention(parts["unet"], attention, torch_device),
+            attention=applied_attention,
             vae_slicing=set_vae_slicing(parts["vae"], vae_slicing),
             vae_tiling=vae_tiling,
+            channels_last=set_channels_last([parts["unet"], parts["vae"]], channels_last),
+            autocast=autocast,
+            fuse_qkv=set_fused_qkv([parts["unet"]], fuse_qkv, applied_attention),
         )
         models = [parts[name] for name in ("text_encoder", "text_encoder_2", "unet", "vae") if name in parts]
         hooks = enable_cpu_offload(models, torch_device) if cpu_offload else []
@@ -209,7 +224,9 @@ class Text2ImagePipeline:
         else:
             for model in models:
                 model.to(torch_device)
-        return cls(
+        if compile:
+            optimizations = replace(optimizations, compile=compile_module(parts["unet"], torch_device))
+        pipeline = cls(
             info=info,
             scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
             device=torch_device,
@@ -220,6 +237,20 @@ class Text2ImagePipeline:
             offload_hooks=hooks,
             **parts,
         )
+        if optimizations.compile:
+            pipeline.warm_up()
+        return pipeline
+
+    def warm_up(self) -> None:
+        """Generations of one and of two images at the native size (2 steps, guidance on), so that a compiled UNet
+        is compiled now, at load time, rather than in the first requests: the second batch size makes the batch
+        dimension dynamic, so that every later batch size at this size reuses the compiled code."""
+        size = self.info.native_size
+        started = time.perf_counter()
+        for batch_size in (1, 2):
+            self._generate([""] * batch_size, [""] * batch_size, list(range(batch_size)), size, size, 2, 2.0,
+                           self.info.default_scheduler, None)
+        logger.info("%s warmed up in %.1f s", self.info.name, time.perf_counter() - started)
 
     def generate(self, params: GenerationParams, callback: StepCallback | None = None) -> GenerationResult:
         """One request: params resolved against the model, `num_images` images with seeds S, S+1, ..."""
@@ -299,11 +330,14 @@ class Text2ImagePipeline:
 
             # 2. Scheduler and initial noise: one CPU generator per image, so seed S means the same everywhere.
             started = self._clock()
+            # The scheduler keeps its tables and timesteps on the CPU and the UNet reads a copy made once on the
+            # device: indexing CPU tables with device tensors (as stock does) would make every step wait for the GPU.
             scheduler = make_scheduler(scheduler_name, self.scheduler_config)
-            scheduler.set_timesteps(steps, device=self.device)
+            scheduler.set_timesteps(steps, device="cpu")
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)
             timesteps = scheduler.timesteps
+            unet_timesteps = timesteps.to(self.device)
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
             latents = self.initial_noise(generators, width, height, prompt_embeds.dtype)
             latents = latents * scheduler.init_noise_sigma
@@ -323,18 +357,21 @@ class Text2ImagePipeline:
                 timestep_cond = guidance_embedding(w, self.unet.config.time_cond_proj_dim)
                 timestep_cond = timestep_cond.to(device=self.device, dtype=latents.dtype)
 
-            # 4. Denoising loop.
+            # 4. Denoising loop. Under autocast the UNet computes in lower precision; its output is cast back, so
+            # guidance and the scheduler work in the pipeline's dtype.
             for i, t in enumerate(timesteps):
                 latent_input = torch.cat([latents] * 2) if do_cfg else latents
                 latent_input = scheduler.scale_model_input(latent_input, t)
-                noise_pred = self.unet(
-                    latent_input,
-                    t,
-                    encoder_hidden_states=prompt_embeds,
-                    timestep_cond=timestep_cond,
-                    added_cond_kwargs=added_cond_kwargs,
-                    return_dict=False,
-                )[0]
+                with autocast_context(self.optimizations.autocast, self.device):
+                    noise_pred = self.unet(
+                        latent_input,
+                        unet_timesteps[i],
+                        encoder_hidden_states=prompt_embeds,
+                        timestep_cond=timestep_cond,
+                        added_cond_kwargs=added_cond_kwargs,
+                        return_dict=False,
+                    )[0]
+                noise_pred = noise_pred.to(latents.dtype)
                 if do_cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
@@ -346,7 +383,8 @@ class Text2ImagePipeline:
             # 5. Decode with the VAE.
             started = self._clock()
             vae_tiled = set_vae_tiling(self.vae, self.optimizations.vae_tiling, width, height)
-            images = self.decode(latents)
+            with autocast_context(self.optimizations.autocast, self.device):
+                images = self.decode(latents)
             timings["decode"] = self._clock() - started
         finally:
             for hook in self.offload_hooks:
@@ -437,7 +475,7 @@ class Text2ImagePipeline:
             latents = latents * std / config.scaling_factor + mean
         else:
             latents = latents / config.scaling_factor
-        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0].to(self.vae.dtype)
         image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
         return [Image.fromarray(pixels) for pixels in (image * 255).round().astype(np.uint8)]
 
@@ -476,7 +514,8 @@ class Text2ImagePipeline:
         with torch.inference_mode():
             started = self._clock()
             for t in timesteps:
-                self.unet(latents, t, return_dict=False, **kwargs)
+                with autocast_context(self.optimizations.autocast, self.device):
+                    self.unet(latents, t, return_dict=False, **kwargs)
             elapsed = self._clock() - started
         for hook in self.offload_hooks:
             hook.offload()

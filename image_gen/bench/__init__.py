@@ -8,8 +8,12 @@ from pathlib import Path
 
 BENCHMARKS = {
     "api": "image_gen.bench.api",
+    "attention": "image_gen.bench.attention",
+    "distill": "image_gen.bench.distill",
+    "limit": "image_gen.bench.limit",
     "pipeline": "image_gen.bench.pipeline",
     "queue": "image_gen.bench.queue",
+    "serving": "image_gen.bench.serving",
 }
 
 

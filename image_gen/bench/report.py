@@ -23,15 +23,32 @@ def machine() -> dict:
         pass
     info = {
         "cpu": cpu,
+        "cpu_features": cpu_features(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_features() -> str:
+    """The CPU flags that decide which kernels run (bf16 dot products, AMX tiles), as /proc/cpuinfo names them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return " ".join(flag for flag in SPEED_FLAGS if flag in flags) or "none of " + " ".join(SPEED_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
 
 
 def summary(samples: list[float]) -> dict:
