@@ -18,7 +18,7 @@ DEFAULTS = {
     "vae": {"steps": 3000, "batch_size": 16, "lr": 4e-4},
     "unet": {"steps": 40_000, "batch_size": 48, "lr": 3e-4},
     "distill": {"steps": 4000, "batch_size": 32, "lr": 1e-4},
-    "clip": {"steps": 700, "batch_size": 128, "lr": 2e-3, "dataset_size": 16_000},
+    "clip": {"steps": 600, "batch_size": 128, "lr": 2e-3, "dataset_size": 16_000},
 }
 
 # What each stage reads from the run folder, and the command that writes it.

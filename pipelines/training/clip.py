@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import BertModel, BertTokenizer
 
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
 from pipelines.training.data import folder_dataset
-from pipelines.training.scenes import SCENE_VERSION, make_scene
+from pipelines.training.scenes import SCENE_VERSION, Scene, make_scene
 from pipelines.training.text import MAX_TOKENS, load_text_encoder
 
 CLASS_NAME = "InhouseClip"
@@ -33,7 +34,6 @@ FIRST_TRAINING_SEED = 50_000_000
 """Training scenes are seeds from here on: clear of the diffusion training set (seeds 0..dataset size) and of the
 built-in suite (100,000 to about 420,000), so the suite's scenes are held out."""
 FIRST_VALIDATION_SEED = 60_000_000
-VALIDATION_SCENES = 500
 DISTRACTORS = 10
 
 
@@ -42,11 +42,16 @@ class ClipConfig:
     """The architecture; saved as config.json with the weights."""
 
     image_size: int = 64
-    channels: tuple[int, ...] = (32, 64, 128, 128)
-    """One stride-2 stage per entry after a full-resolution stem: 64 px -> 4x4, flattened so position survives."""
+    channels: tuple[int, ...] = (32, 64, 128)
+    """A stride-2 stem, then per further entry a conv and a stride-2 conv, then a last stride-2 conv: 64 px
+    becomes a 4x4 grid, flattened so that where things are survives."""
     hidden_dim: int = 256
     embed_dim: int = 128
     text_dim: int = 384
+    text_width: int = 128
+    text_layers: int = 1
+    """Trainable transformer layers (at text_width) over the frozen token states: pooling the frozen states alone
+    scored "a white circle and a purple cross" and its colour-swapped caption alike (cosine 0.99)."""
     text_queries: int = 4
     """Learned queries that attention-pool the token states (one would average colour and shape words away)."""
     text_heads: int = 4
@@ -75,6 +80,11 @@ class ClipTrainConfig:
     scorer must read every prompt of the suite it judges."""
     weight_decay: float = 0.05
     warmup_steps: int = 50
+    validation_scenes: int = 500
+    """Fresh scenes (from FIRST_VALIDATION_SEED) the run reports R@1 and pair accuracy on at the end."""
+    hard_negatives: bool = True
+    """Give each two-object scene its own caption with the colours swapped (position scenes: every other one with
+    the relation flipped instead) as an extra wrong caption: random captions alone teach a bag of words."""
 
 
 def _conv_block(channels_in: int, channels_out: int, stride: int) -> nn.Sequential:
@@ -90,12 +100,12 @@ class ImageTower(nn.Module):
 
     def __init__(self, config: ClipConfig):
         super().__init__()
-        layers = [_conv_block(3, config.channels[0], 1)]
+        layers = [_conv_block(3, config.channels[0], 2)]
         for channels_in, channels_out in zip(config.channels, config.channels[1:], strict=False):
-            layers += [_conv_block(channels_in, channels_out, 2), _conv_block(channels_out, channels_out, 1)]
+            layers += [_conv_block(channels_in, channels_out, 1), _conv_block(channels_out, channels_out, 2)]
         layers.append(_conv_block(config.channels[-1], config.channels[-1], 2))
         self.features = nn.Sequential(*layers)
-        grid = config.image_size // 2 ** len(config.channels)
+        grid = config.image_size // 2 ** (len(config.channels) + 1)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(config.channels[-1] * grid * grid, config.hidden_dim),
@@ -108,22 +118,34 @@ class ImageTower(nn.Module):
 
 
 class TextHead(nn.Module):
-    """Attention pooling of frozen token states by a few learned queries, then a projection."""
+    """Frozen token states narrowed, mixed by small trainable transformer layers (which bind each colour to its
+    shape), attention-pooled by a few learned queries, and projected."""
 
     def __init__(self, config: ClipConfig):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(1, config.text_queries, config.text_dim) * 0.02)
-        self.attention = nn.MultiheadAttention(config.text_dim, config.text_heads, batch_first=True)
-        self.norm = nn.LayerNorm(config.text_dim * config.text_queries)
+        width = config.text_width
+        self.narrow = nn.Linear(config.text_dim, width)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, config.text_heads, 2 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(config.text_layers)
+        )
+        self.queries = nn.Parameter(torch.randn(1, config.text_queries, width) * 0.02)
+        self.attention = nn.MultiheadAttention(width, config.text_heads, batch_first=True)
+        self.norm = nn.LayerNorm(width * config.text_queries)
         self.projection = nn.Sequential(
-            nn.Linear(config.text_dim * config.text_queries, config.hidden_dim),
+            nn.Linear(width * config.text_queries, config.hidden_dim),
             nn.GELU(),
             nn.Linear(config.hidden_dim, config.embed_dim),
         )
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        length = int(mask.sum(dim=1).max())  # padding beyond the longest caption is never attended to
+        states, padding = self.narrow(states[:, :length]), ~mask[:, :length]
+        for layer in self.layers:
+            states = layer(states, src_key_padding_mask=padding)
         queries = self.queries.expand(len(states), -1, -1)
-        pooled, _ = self.attention(queries, states, states, key_padding_mask=~mask, need_weights=False)
+        pooled, _ = self.attention(queries, states, states, key_padding_mask=padding, need_weights=False)
         return self.projection(self.norm(pooled.flatten(1)))
 
 
@@ -150,6 +172,7 @@ class ContrastiveClip(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(state, folder / "model.safetensors")
+        (folder / "model.safetensors").chmod(0o644)  # shipped in the package: readable by every user
         (folder / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
 
     @classmethod
@@ -161,12 +184,19 @@ class ContrastiveClip(nn.Module):
 
 
 def contrastive_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, scale: torch.Tensor,
-                     same: torch.Tensor) -> torch.Tensor:
+                     same: torch.Tensor, negative_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE; `same[i, j]` marks caption j as true of image i too (procedural captions repeat), so
-    duplicates share the target instead of being pushed apart."""
-    logits = scale * image_embeds @ text_embeds.T
+    duplicates share the target instead of being pushed apart. `negative_embeds` are extra wrong captions that
+    every image is scored against (image -> text only)."""
     targets = same.float() / same.float().sum(dim=1, keepdim=True)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T)) / 2
+    logits = scale * image_embeds @ text_embeds.T
+    image_to_text = logits
+    if negative_embeds is not None and len(negative_embeds):
+        image_to_text = torch.cat([logits, scale * image_embeds @ negative_embeds.T], dim=1)
+        targets_with_negatives = F.pad(targets, (0, len(negative_embeds)))
+    else:
+        targets_with_negatives = targets
+    return (F.cross_entropy(image_to_text, targets_with_negatives) + F.cross_entropy(logits.T, targets.T)) / 2
 
 
 # --- inputs: pixels and token states --------------------------------------------------------------------------
@@ -209,13 +239,15 @@ def encode_captions_masked(captions: list[str], tokenizer: BertTokenizer, encode
 
 @dataclass
 class ClipData:
-    """Images at the model's size as uint8 (n, h, w, 3), each caption's index and a key per image: images with
-    equal keys show the same thing, so each one's caption is true of the other."""
+    """Images at the model's size as uint8 (n, h, w, 3), each one's caption and hard negative caption (indices
+    into `captions`; -1: none) and a key: images with equal keys show the same thing, so each one's caption is
+    true of the other."""
 
     images: np.ndarray
     caption_index: np.ndarray
     captions: list[str]
     keys: np.ndarray
+    negative_index: np.ndarray
 
     def __len__(self) -> int:
         return len(self.caption_index)
@@ -237,19 +269,41 @@ def scene_key(expectation: dict) -> str:
     return "; ".join(objects) + f" | {a} {word} {b}"
 
 
+_ARTICLE = re.compile(r"\b(an?) (\w)")
+_RELATION_WORDS = {"left": "right", "right": "left", "above": "below", "below": "above", "over": "under",
+                   "under": "over", "on top of": "underneath", "underneath": "on top of"}
+_RELATION = re.compile(r"\b(on top of|underneath|left|right|above|below|over|under)\b")
+
+
+def hard_negative(scene: Scene, caption: str, flip_relation: bool) -> str | None:
+    """The caption of a two-object scene with its colours swapped (or, with `flip_relation`, a position scene's
+    relation reversed), in the caption's own words; None for other scenes."""
+    if scene.kind not in ("two_objects", "position"):
+        return None
+    if flip_relation and scene.kind == "position":
+        text = _RELATION.sub(lambda m: _RELATION_WORDS[m.group(1)], caption)
+    else:
+        a, b = scene.objects[0].color, scene.objects[1].color
+        text = re.sub(rf"\b({a}|{b})\b", lambda m: b if m.group(1) == a else a, caption)
+    # "an orange disc" with red swapped in is "a red disc": a wrong article would give the negative away
+    return _ARTICLE.sub(lambda m: ("an " if m.group(2) in "aeiou" else "a ") + m.group(2), text)
+
+
 def procedural_clip_data(n: int, first_seed: int, image_size: int, render_size: int, heldout_share: float,
                          cache_dir: Path | None = None) -> ClipData:
     """`n` scenes from `first_seed` on, rendered at `render_size` and reduced to `image_size` as the scorer
     reduces any image; cached as .npz under `cache_dir`."""
     cache = None
     if cache_dir is not None:
-        name = f"clip-scenes-v{SCENE_VERSION}-n{n}-s{first_seed}-{render_size}to{image_size}-h{heldout_share:g}.npz"
+        name = (f"clip-scenes-v{SCENE_VERSION}-n{n}-s{first_seed}-{render_size}to{image_size}-h{heldout_share:g}"
+                "-neg.npz")
         cache = cache_dir / name
         if cache.exists():
             stored = np.load(cache, allow_pickle=False)
-            return ClipData(stored["images"], stored["caption_index"], list(stored["captions"]), stored["keys"])
+            return ClipData(stored["images"], stored["caption_index"], list(stored["captions"]), stored["keys"],
+                            stored["negative_index"])
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
-    captions, keys = [], []
+    captions, keys, negatives = [], [], []
     for i in range(n):
         seed = first_seed + i
         heldout = (seed * 2654435761 % 1000) < heldout_share * 1000  # a fixed, well-mixed share of the seeds
@@ -257,25 +311,27 @@ def procedural_clip_data(n: int, first_seed: int, image_size: int, render_size: 
         images[i] = ((image_pixels([image], image_size)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
         captions.append(scene.caption)
         keys.append(scene_key(scene.expectation()))
-    data = _indexed(images, captions, keys)
+        negatives.append(hard_negative(scene, scene.caption, flip_relation=seed % 2 == 1))
+    data = _indexed(images, captions, keys, negatives)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, images=data.images, caption_index=data.caption_index, captions=np.array(data.captions),
-                 keys=data.keys)
+                 keys=data.keys, negative_index=data.negative_index)
     return data
 
 
 def folder_clip_data(root: Path, image_size: int) -> ClipData:
     """A folder dataset (`captions.jsonl`); images with the same caption count as showing the same thing."""
     data = folder_dataset(root, image_size)
-    return _indexed(data.images, data.captions, data.captions)
+    return _indexed(data.images, data.captions, data.captions, [None] * len(data))
 
 
-def _indexed(images: np.ndarray, captions: list[str], keys: list[str]) -> ClipData:
-    distinct = sorted(set(captions))
+def _indexed(images: np.ndarray, captions: list[str], keys: list[str], negatives: list[str | None]) -> ClipData:
+    distinct = sorted(set(captions) | {n for n in negatives if n is not None})
     index = {caption: i for i, caption in enumerate(distinct)}
     _, key_ids = np.unique(np.array(keys), return_inverse=True)
-    return ClipData(images, np.array([index[c] for c in captions]), distinct, key_ids)
+    negative_index = np.array([-1 if n is None else index[n] for n in negatives])
+    return ClipData(images, np.array([index[c] for c in captions]), distinct, key_ids, negative_index)
 
 
 class TokenStates:
@@ -334,13 +390,14 @@ def train_clip(run_config: RunConfig, config: ClipConfig | None = None, train: C
     if run_config.data == "procedural":
         data = procedural_clip_data(run_config.dataset_size, FIRST_TRAINING_SEED + run_config.seed * 1_000_000,
                                     config.image_size, run_config.image_size, train.heldout_share, cache_dir)
-        states_cache = cache_dir / f"clip-states-n{run_config.dataset_size}-s{run_config.seed}-h{train.heldout_share:g}.npz"
+        states_cache = cache_dir / (f"clip-states-n{run_config.dataset_size}-s{run_config.seed}-"
+                                    f"h{train.heldout_share:g}-neg.npz")
     else:
         data = folder_clip_data(Path(run_config.data), config.image_size)
         states_cache = None
     tokenizer, encoder = load_text_encoder()
     states = TokenStates(data.captions, tokenizer, encoder, config.max_tokens, states_cache)
-    validation = procedural_clip_data(VALIDATION_SCENES, FIRST_VALIDATION_SEED, config.image_size,
+    validation = procedural_clip_data(train.validation_scenes, FIRST_VALIDATION_SEED, config.image_size,
                                       run_config.image_size, train.heldout_share, cache_dir)
     validation_states = TokenStates(validation.captions, tokenizer, encoder, config.max_tokens)
     del encoder
@@ -363,7 +420,12 @@ def train_clip(run_config: RunConfig, config: ClipConfig | None = None, train: C
         image_embeds = unwrapped.encode_images(pixels)
         text_embeds = unwrapped.encode_text(token_states.to(run.device), mask.to(run.device))
         same = torch.from_numpy(data.keys[rows][:, None] == data.keys[rows][None, :]).to(run.device)
-        loss = contrastive_loss(image_embeds, text_embeds, unwrapped.scale(), same)
+        negative_embeds = None
+        negatives = data.negative_index[rows]
+        if train.hard_negatives and (negatives >= 0).any():
+            negative_states, negative_mask = states(negatives[negatives >= 0])
+            negative_embeds = unwrapped.encode_text(negative_states.to(run.device), negative_mask.to(run.device))
+        loss = contrastive_loss(image_embeds, text_embeds, unwrapped.scale(), same, negative_embeds)
         run.accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -357,6 +357,7 @@ def test_gradio_client_calls_the_studios_named_generate_endpoint(studio_url: str
         "seed_mode",
         "seed",
         "count",
+        "best_of",
     ]
 
     status, gallery, seed = client.predict(
