@@ -35,6 +35,7 @@ PASSTHROUGH_COMMANDS = {
     "train": ("pipelines.training.cli", "main", "train or distil the in-house model"),
     "bench": ("image_gen.bench", "main", "benchmark generation speed and memory"),
     "keys": ("image_gen.auth", "main", "create, list and revoke API keys"),
+    "arena": ("image_gen.arena.cli", "main", "export the arena's votes and compute its ratings"),
 }
 SERVICE_COMMANDS = {
     "serve": ("ui.app", "serve"),
@@ -131,7 +132,7 @@ def build_parser() -> ArgumentParser:
         "--store", help="object store: path, file://PATH or s3://BUCKET/PREFIX (default: ./data)"
     )
     serve.add_argument(
-        "--workers-in-process", type=int, metavar="N", help="workers run by this process (default: 1)"
+        "--workers-in-process", type=int, metavar="N", help="worker processes it supervises (default: 1)"
     )
     serve.add_argument(
         "--insecure",
@@ -149,6 +150,19 @@ def build_parser() -> ArgumentParser:
     worker.add_argument("--max-batch", type=int, metavar="N", help="requests batched together (default: 4)")
     _add_settings_flags(worker, runtime=True)
     worker.set_defaults(handler=cmd_service)
+
+    from eval.cli import add_eval_arguments, add_leaderboard_arguments
+
+    evaluate = commands.add_parser("eval", help="score a model and settings on a prompt suite (results JSON)")
+    add_eval_arguments(evaluate)
+    _add_settings_flags(evaluate, runtime=True)
+    evaluate.set_defaults(handler=cmd_eval)
+
+    leaderboard = commands.add_parser(
+        "leaderboard", help="render evaluation results as a leaderboard (Markdown, HTML, JSON, Pareto plot)"
+    )
+    add_leaderboard_arguments(leaderboard)
+    leaderboard.set_defaults(handler=cmd_leaderboard)
 
     for name, (_, _, help_text) in PASSTHROUGH_COMMANDS.items():
         commands.add_parser(
@@ -326,6 +340,26 @@ def cmd_setup(args: argparse.Namespace) -> int:
     names = ", ".join(model.name for model in registry.list())
     print(f"models ready: {names}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.cli import EvalUsageError, run_eval
+    from image_gen.runtime import build_registry
+
+    settings = _settings(args)
+    try:
+        return run_eval(args, build_registry(settings, bootstrap=False))
+    except EvalUsageError as exc:
+        raise ImageGenError(str(exc)) from exc
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from eval.cli import EvalUsageError, run_leaderboard
+
+    try:
+        return run_leaderboard(args)
+    except EvalUsageError as exc:
+        raise ImageGenError(str(exc)) from exc
 
 
 def _import_command(module_name: str, function_name: str, command: str) -> Callable[..., Any]:

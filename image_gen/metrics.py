@@ -1,8 +1,8 @@
 """Prometheus metrics of one API process, rendered in the text exposition format (version 0.0.4).
 
-HTTP requests come from `HttpMetrics` (ASGI middleware); jobs, generation time and images from `MeteredJobQueue`,
-the queue the process's in-process workers use; queue depth and jobs by status are read from the store when
-scraped (cached for a few seconds, since that is a listing).
+HTTP requests come from `HttpMetrics` (ASGI middleware); jobs, generation time and images from `MeteredJobQueue`
+(the queue of the process's worker threads) or from the reports of its worker processes (`ReportingJobQueue`); queue
+depth and jobs by status are read from the store when scraped (cached for a few seconds, since that is a listing).
 """
 
 from __future__ import annotations
@@ -167,14 +167,15 @@ class Metrics:
             ),
         ]
 
-    def job_finished(self, job: Job) -> None:
-        self.jobs_finished.inc(status=job.status)
-        if job.status != "succeeded" or not job.result:
+    def job_finished(self, status: str, result: dict[str, Any] | None = None) -> None:
+        """A job this process's workers (threads or supervised processes) finished, with its final status."""
+        self.jobs_finished.inc(status=status)
+        if status != "succeeded" or not result:
             return
-        images = len(job.result.get("images", []))
+        images = len(result.get("images", []))
         self.images.inc(images)
-        if isinstance(job.result.get("seconds"), int | float):
-            self.generation_seconds.observe(job.result["seconds"])
+        if isinstance(result.get("seconds"), int | float):
+            self.generation_seconds.observe(result["seconds"])
         with self._lock:
             self._recent_images.append((time.monotonic(), images))
 
@@ -211,39 +212,49 @@ class Metrics:
         return {(): total / RATE_WINDOW_S}
 
 
-class MeteredJobQueue(JobQueue):
-    """A JobQueue that reports submissions and the jobs its workers finish (completed, dead-lettered, or canceled
-    while running) to `metrics`."""
+class ReportingJobQueue(JobQueue):
+    """A JobQueue that reports each job its workers finish (completed, dead-lettered, or canceled while running) to
+    `on_finished(status, result)`: a worker process reports through it to the server that supervises it."""
+
+    def __init__(
+        self, store: ObjectStore, on_finished: Callable[[str, dict[str, Any] | None], None], **options: Any
+    ) -> None:
+        super().__init__(store, **options)
+        self.on_finished = on_finished
+
+    def complete(self, lease: Lease, result: dict[str, Any]) -> Job:
+        job = self._watch(lambda: super(ReportingJobQueue, self).complete(lease, result))
+        self.on_finished(job.status, job.result)
+        return job
+
+    def fail(self, lease: Lease, error: str, retryable: bool = True) -> Job:
+        job = self._watch(lambda: super(ReportingJobQueue, self).fail(lease, error, retryable))
+        if job.finished:
+            self.on_finished(job.status, job.result)
+        return job
+
+    def heartbeat(self, lease: Lease, progress: dict[str, Any] | None = None) -> Lease:
+        return self._watch(lambda: super(ReportingJobQueue, self).heartbeat(lease, progress))
+
+    def _watch(self, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except JobCanceled:
+            self.on_finished("canceled", None)
+            raise
+
+
+class MeteredJobQueue(ReportingJobQueue):
+    """The API process's queue: submissions, and the jobs its in-process workers finish, go to `metrics`."""
 
     def __init__(self, store: ObjectStore, metrics: Metrics, **options: Any) -> None:
-        super().__init__(store, **options)
+        super().__init__(store, metrics.job_finished, **options)
         self.metrics = metrics
 
     def submit(self, owner: str, payload: dict[str, Any], **options: Any) -> Job:
         job = super().submit(owner, payload, **options)
         self.metrics.jobs_submitted.inc()
         return job
-
-    def complete(self, lease: Lease, result: dict[str, Any]) -> Job:
-        job = self._watch(lambda: super(MeteredJobQueue, self).complete(lease, result), lease)
-        self.metrics.job_finished(job)
-        return job
-
-    def fail(self, lease: Lease, error: str, retryable: bool = True) -> Job:
-        job = self._watch(lambda: super(MeteredJobQueue, self).fail(lease, error, retryable), lease)
-        if job.finished:
-            self.metrics.job_finished(job)
-        return job
-
-    def heartbeat(self, lease: Lease, progress: dict[str, Any] | None = None) -> Lease:
-        return self._watch(lambda: super(MeteredJobQueue, self).heartbeat(lease, progress), lease)
-
-    def _watch(self, call: Callable[[], Any], lease: Lease) -> Any:
-        try:
-            return call()
-        except JobCanceled:
-            self.metrics.jobs_finished.inc(status="canceled")
-            raise
 
 
 class HttpMetrics:

@@ -1,25 +1,35 @@
 """The generation service: what the API and the studio call to submit, follow, cancel and fetch image jobs.
 
 It validates requests against the registry before they reach the queue, and enforces ownership: a job or image
-of another owner is reported as not found.
+of another owner is reported as not found. A request with `best_of` generates that many candidates and presents
+the best `num_images` of them, ranked by a CLIP scorer against the prompt.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import secrets
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from image_gen.errors import ImageGenError
-from image_gen.jobs import batch_key, job_payload
+from image_gen.jobs import batch_key, image_prefix, job_payload
 from pipelines.errors import PipelineError
-from pipelines.params import GenerationParams, ModelInfo
+from pipelines.params import MAX_IMAGES, GenerationParams, ModelInfo
 from pipelines.registry import ModelRegistry
-from storage.objects import NotFound, ObjectStore
+from storage.objects import NotFound, ObjectStore, PreconditionFailed
 from storage.queue import Job, JobPage, JobQueue
 
+if TYPE_CHECKING:
+    from eval.clip import ClipScorer
+
 SEED_RANGE = 2**32
+BEST_OF = "best_of"
+"""Payload field of a best-of job: {"keep": n}, the images presented out of params.num_images candidates."""
 
 
 class JobNotFound(ImageGenError):
@@ -36,11 +46,16 @@ class GenerationService:
     """Submit/inspect/cancel jobs and read their images, on behalf of an owner."""
 
     def __init__(self, registry: ModelRegistry, store: ObjectStore, queue: JobQueue,
-                 default_model: str | None = None) -> None:
+                 default_model: str | None = None, scorer: Callable[[], ClipScorer] | None = None) -> None:
+        """`scorer` returns the CLIP scorer that ranks best-of candidates (default: the bundled in-house CLIP,
+        loaded on the first best-of request)."""
         self.registry = registry
         self.store = store
         self.queue = queue
         self.default_model = default_model
+        self._scorer_factory = scorer or _bundled_scorer
+        self._scorer: ClipScorer | None = None
+        self._scorer_lock = threading.Lock()
 
     def models(self) -> list[ModelInfo]:
         return self.registry.list()
@@ -52,6 +67,26 @@ class GenerationService:
             return self.registry.get(name) if name else self.registry.default()
         except PipelineError as error:
             raise ImageGenError.from_exception(error) from error
+
+    def preset(self, name: str | None, preset: str | None) -> tuple[ModelInfo, dict[str, Any]]:
+        """The model that `preset` of model `name` (None: the default model) runs, and the preset's values on top
+        of that model's defaults (scheduler, steps, guidance_scale, width, height; negative_prompt where the preset
+        sets one). A preset may name another model: the bundled student's Quality preset runs its teacher, the
+        teacher's Speed preset the student. An unknown preset (or None) is the model's defaults."""
+        info = self.model(name)
+        chosen = dict(info.presets.get(preset, {})) if preset else {}
+        target = chosen.pop("model", None)
+        if target and target != info.name:
+            info = self.model(target)
+        values: dict[str, Any] = {
+            "scheduler": info.default_scheduler,
+            "steps": info.default_steps,
+            "guidance_scale": info.default_guidance,
+            "width": info.native_size,
+            "height": info.native_size,
+        }
+        values.update(chosen)
+        return info, values
 
     def resolve(self, params: GenerationParams) -> GenerationParams:
         """Every default filled in from the model and a random seed drawn; raises ImageGenError on bad input."""
@@ -70,8 +105,16 @@ class GenerationService:
         *,
         idempotency_key: str | None = None,
         priority: int = 0,
+        best_of: int | None = None,
         **extras: object,
     ) -> Job:
+        """Queue a request; with `best_of`, that many candidates (seeds S, S+1, ...) of which the best
+        `params.num_images` are presented (see `images_of`)."""
+        if best_of is not None:
+            self.check_best_of(best_of, params.num_images)
+            self.scorer()  # a server that cannot rank refuses the request instead of failing it later
+            extras[BEST_OF] = {"keep": params.num_images}
+            params = params.model_copy(update={"num_images": best_of})
         resolved = self.resolve(params)
         return self.queue.submit(
             owner,
@@ -80,6 +123,65 @@ class GenerationService:
             idempotency_key=idempotency_key,
             batch_key=batch_key(resolved),
         )
+
+    @staticmethod
+    def check_best_of(best_of: int, num_images: int) -> None:
+        """best_of is the number of candidates, from num_images (every candidate kept) up to MAX_IMAGES."""
+        if type(best_of) is not int or not num_images <= best_of <= MAX_IMAGES:
+            raise ImageGenError(
+                f"best_of {best_of!r} is not allowed: it is the number of candidates the {num_images} image(s) "
+                f"are chosen from, a whole number from {num_images} to {MAX_IMAGES}",
+                param="best_of",
+            )
+
+    def scorer(self) -> ClipScorer:
+        """The CLIP scorer that ranks best-of candidates, loaded once."""
+        with self._scorer_lock:
+            if self._scorer is None:
+                try:
+                    self._scorer = self._scorer_factory()
+                except (OSError, ValueError) as error:  # a missing or broken scorer folder
+                    raise ImageGenError(
+                        f"best_of is not available on this server: {error}", param="best_of",
+                        code="model_load_failed",
+                    ) from error
+            return self._scorer
+
+    @staticmethod
+    def best_of(job: Job) -> int | None:
+        """The number of candidates of a best-of job, else None."""
+        return job.payload.get("params", {}).get("num_images") if BEST_OF in job.payload else None
+
+    def images_of(self, owner: str, job: Job) -> list[dict]:
+        """The image records a job presents: all of them, or for a succeeded best-of job its `keep` best by
+        CLIPScore against the prompt, best first, each with its `clip_score`. The ranking is computed once and
+        stored next to the images, so every later read presents the same images, even after the scorer changes."""
+        records = (job.result or {}).get("images", [])
+        selection = job.payload.get(BEST_OF)
+        if selection is None or job.status != "succeeded" or not records:
+            return records
+        scores = self._candidate_scores(owner, job, records)
+        ranked = sorted(zip(records, scores, strict=True), key=lambda pair: -pair[1])  # stable: ties keep order
+        return [{**record, "clip_score": score} for record, score in ranked[: selection["keep"]]]
+
+    def _candidate_scores(self, owner: str, job: Job, records: list[dict]) -> list[float]:
+        key = image_prefix(owner, job.id) + "best-of.json"
+        try:
+            return json.loads(self.store.get(key).data)["scores"]
+        except NotFound:
+            pass
+        from PIL import Image
+
+        scorer = self.scorer()
+        images = [Image.open(io.BytesIO(self.store.get(record["key"]).data)) for record in records]
+        prompt = job.payload["params"]["prompt"]
+        scores = [round(float(score), 4) for score in scorer.score(images, [prompt] * len(images))]
+        ranking = {"scorer": scorer.identity(), "images": [r["id"] for r in records], "scores": scores}
+        try:
+            self.store.put_if_absent(key, json.dumps(ranking).encode(), "application/json")
+        except PreconditionFailed:  # another process ranked it first: present its ranking
+            return json.loads(self.store.get(key).data)["scores"]
+        return scores
 
     def job(self, owner: str, job_id: str) -> Job:
         try:
@@ -150,3 +252,9 @@ class GenerationService:
     def image_url(self, owner: str, image_id: str, expires_s: int = 3600) -> str:
         """A URL for the image: presigned and expiring on S3, a file URL on a local store."""
         return self.store.url(self._image_record(owner, image_id)["key"], expires_s)
+
+
+def _bundled_scorer() -> ClipScorer:
+    from eval.clip import load_scorer
+
+    return load_scorer()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -19,6 +19,21 @@ except ModuleNotFoundError:  # Python 3.10: JSON config files only
     tomllib = None  # type: ignore[assignment]
 
 ENV_PREFIX = "IMAGE_GEN_"
+
+
+class ArenaContender(BaseModel):
+    """An arena contender: a registered model and the settings it generates with (unset: the model's default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$", description="shown after the vote")
+    model: str
+    steps: int | None = Field(default=None, ge=1, le=150)
+    guidance_scale: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    scheduler: str | None = None
+    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8)
+    negative_prompt: str = ""
 
 
 class Settings(BaseSettings):
@@ -36,10 +51,33 @@ class Settings(BaseSettings):
     attention: Literal["sdpa", "xformers", "sliced", "math"] = "sdpa"
     vae_tiling: Literal["auto", "on", "off"] = "auto"
     cpu_offload: bool = False
+    # --- speed settings of the pipelines (docs/performance.md); off unless a benchmark showed a win with parity ---
+    channels_last: bool = Field(default=False, description="NHWC weights and activations for the convolutions")
+    autocast: Literal["off", "bfloat16", "float16"] = Field(
+        default="off", description="matmuls and convolutions in lower precision (bfloat16 on CPUs with AVX-512 BF16)"
+    )
+    fuse_qkv: bool = Field(default=False, description="one projection matmul for query, key and value")
+    compile: bool = Field(default=False, description="torch.compile the UNet, warmed up when a model loads")
     max_loaded_models: int = Field(default=2, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=1, le=65535)
-    workers_in_process: int = Field(default=1, ge=0)
+    workers_in_process: int = Field(default=1, ge=0, description="workers `image-gen serve` runs beside its API")
+    worker_isolation: Literal["process", "thread"] = Field(
+        default="process",
+        description="serve's workers as supervised child processes (the API stays responsive while they generate) "
+        "or as threads of the API process (fast start-up, for tests)",
+    )
+    worker_nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="niceness serve's worker processes add to the API's: the API is scheduled first, they use the rest",
+    )
+    lease_s: float = Field(
+        default=30.0,
+        ge=3.0,
+        description="a job's lease: a worker that stops heartbeating (every second) loses its job after this long",
+    )
     max_batch: int = Field(default=4, ge=1)
     default_model: str | None = None
     request_timeout_s: float = Field(default=300.0, gt=0, description="how long a synchronous request waits")
@@ -69,7 +107,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=65536, ge=1024, description="largest request body the API accepts")
     max_steps: int = Field(default=150, ge=1, le=150, description="most denoising steps a request may ask for")
     max_images: int = Field(default=10, ge=1, le=10, description="most images one request may ask for")
-    image_url_expires_s: int = Field(default=3600, ge=1, description="lifetime of image links (response_format=url)")
+    image_url_expires_s: int = Field(
+        default=3600, ge=1, le=604800, description="lifetime of image links (response_format=url), a week at most as on S3"
+    )
     webhook_allowed_networks: list[str] = Field(
         default_factory=list,
         description="CIDRs webhooks may target although private, loopback or link-local (e.g. 127.0.0.0/8)",
@@ -78,6 +118,21 @@ class Settings(BaseSettings):
     webhook_backoff_s: float = Field(default=2.0, gt=0, description="wait before the 2nd delivery; doubles each time")
     webhook_timeout_s: float = Field(default=10.0, gt=0, description="how long one delivery may take")
     webhook_poll_s: float = Field(default=1.0, gt=0, description="how often the dispatcher looks for finished jobs")
+    # --- arena: blind pairwise votes (docs/arena.md) ---
+    arena_contenders: list[ArenaContender] = Field(
+        default_factory=list, description="models and settings that battle (default: every model at each preset)"
+    )
+    arena_anchor: str | None = Field(default=None, description="contender pinned at 1000 (default: the mean is)")
+    arena_min_view_s: float = Field(default=3.0, ge=0, description="seconds both images are shown before a vote counts")
+    arena_votes_per_day: int = Field(default=300, ge=1, description="votes one voter may cast per UTC day")
+    arena_votes_per_ip_per_day: int = Field(default=3000, ge=1, description="votes from one IP address per UTC day")
+    arena_battles_per_minute: float | None = Field(
+        default=20.0, gt=0, description="battles a voter may start per minute (an IP address: ten times as many)"
+    )
+    arena_battle_ttl_s: float = Field(default=1800.0, gt=0, description="how long a battle's vote token is valid")
+    arena_seeds_per_prompt: int = Field(
+        default=4, ge=1, description="seeds a prompt is drawn with: images repeat, so they are generated once"
+    )
 
     @field_validator("webhook_allowed_networks")
     @classmethod

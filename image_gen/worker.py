@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +37,19 @@ log = logging.getLogger("image_gen.worker")
 
 THUMBNAIL_SIZE = 256
 PREVIEW_SIZE = 96
-# What a store outage raises: StorageError, and OSError, which a local store whose folder became unwritable or went
-# away raises from its lock and temp files.
-STORE_ERRORS = (StorageError, OSError)
+# What a store outage raises (the local store turns its OSErrors into StorageErrors too).
+STORE_ERRORS = (StorageError,)
+
+# A pipeline is not thread-safe (its prompt cache, VAE tiling switch and offload hooks are shared state): worker
+# threads that share a registry take turns on each pipeline, while they may run different models at once.
+_pipeline_locks: weakref.WeakKeyDictionary[Text2ImagePipeline, threading.Lock] = weakref.WeakKeyDictionary()
+_pipeline_locks_guard = threading.Lock()
+
+
+def pipeline_lock(pipe: Text2ImagePipeline) -> threading.Lock:
+    """The lock a worker holds while it runs `pipe`."""
+    with _pipeline_locks_guard:
+        return _pipeline_locks.setdefault(pipe, threading.Lock())
 
 
 @dataclass
@@ -302,19 +313,20 @@ class Worker:
             prompts += [job.params.prompt] * job.params.num_images
             negatives += [job.params.negative_prompt] * job.params.num_images
             seeds += [job.params.seed + i for i in range(job.params.num_images)]
-        started = time.perf_counter()
-        images = pipe(
-            prompts,
-            negatives,
-            seeds,
-            first.width,
-            first.height,
-            first.steps,
-            first.guidance_scale,
-            first.scheduler,
-            callback=keeper.callback(jobs),
-        )
-        return images, time.perf_counter() - started
+        with pipeline_lock(pipe):
+            started = time.perf_counter()
+            images = pipe(
+                prompts,
+                negatives,
+                seeds,
+                first.width,
+                first.height,
+                first.steps,
+                first.guidance_scale,
+                first.scheduler,
+                callback=keeper.callback(jobs),
+            )
+            return images, time.perf_counter() - started
 
     def _upload(
         self, job: _Running, pipe: Text2ImagePipeline, images: list[Image.Image], timings: dict[str, Any]
@@ -396,9 +408,11 @@ def _preview(event: StepEvent, row: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def run_worker(settings: Any) -> int:
+def run_worker(settings: Any, on_finished: Callable[[str, dict[str, Any] | None], None] | None = None) -> int:
     """`image-gen worker`: run one worker in the foreground. SIGTERM or SIGINT: stop claiming, finish the batch in
-    progress, exit 0; a second signal exits at once."""
+    progress, exit 0; a second signal exits at once. `on_finished(status, result)` hears of every job it finishes
+    (the worker processes of `image-gen serve` report them to the server's metrics)."""
+    from image_gen.metrics import ReportingJobQueue
     from image_gen.runtime import build_registry, open_queue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -416,6 +430,8 @@ def run_worker(settings: Any) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     store, queue = open_queue(settings)
+    if on_finished is not None:
+        queue = ReportingJobQueue(store, on_finished, lease_s=settings.lease_s)
     worker = Worker(queue, store, build_registry(settings, bootstrap=True), max_batch=settings.max_batch)
     if stop_requested.is_set():
         return 0

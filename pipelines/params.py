@@ -28,11 +28,12 @@ SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_COMPONENTS = (*SD_COMPONENTS, "text_encoder_2", "tokenizer_2")
 COMPONENT_LIBRARIES = ("diffusers", "transformers")
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-PRESET_KEYS = ("scheduler", "steps", "guidance_scale", "width", "height", "negative_prompt")
+# A preset may name another model ("model"): the student's Quality preset runs its teacher.
+PRESET_KEYS = ("model", "scheduler", "steps", "guidance_scale", "width", "height", "negative_prompt")
 OVERRIDE_FILE = "image-gen.json"
 OVERRIDE_KEYS = (
     "label", "description", "native_size", "allowed_sizes", "min_size", "max_size",
-    "default_scheduler", "default_steps", "default_guidance", "presets", "distilled",
+    "default_scheduler", "default_steps", "default_guidance", "presets", "distilled", "priority",
 )  # fmt: skip
 ASPECT_RATIOS = ((1, 1), (4, 3), (3, 2), (16, 9))  # long side : short side
 
@@ -75,6 +76,7 @@ class ModelInfo(BaseModel):
     label: str = ""
     description: str = ""
     distilled: bool = False
+    priority: int = Field(0, description="the registry's default model is the usable one with the highest priority")
 
     @model_validator(mode="after")
     def _check_consistent(self) -> "ModelInfo":
@@ -101,6 +103,8 @@ class ModelInfo(BaseModel):
                 raise ValueError(
                     f"preset {preset!r} has unknown keys {sorted(unknown)}: use {', '.join(PRESET_KEYS)}"
                 )
+            if "model" in values and not (isinstance(values["model"], str) and values["model"]):
+                raise ValueError(f"preset {preset!r}: model must be a model's name")
         return self
 
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.attention import ATTENTION_BACKENDS, VAE_TILING_MODES, check_choice
+from pipelines.attention import ATTENTION_BACKENDS, AUTOCAST_MODES, VAE_TILING_MODES, check_choice
 from pipelines.errors import ModelLoadError, ModelNotFoundError
 from pipelines.params import ModelInfo
 from pipelines.text2image import Text2ImagePipeline, resolve_device, resolve_dtype
@@ -87,6 +87,26 @@ def model_folders(models_dir: Path) -> list[Path]:
     return sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
+def folder_signature(folder: Path) -> tuple | None:
+    """Name, size and mtime of every entry of `folder` and of its subfolders (a model's configs, weights and
+    image-gen.json); None if the folder cannot be read."""
+    entries = []
+    try:
+        with os.scandir(folder) as top:
+            for entry in top:
+                stat = entry.stat()
+                entries.append((entry.name, stat.st_size, stat.st_mtime_ns))
+                if entry.is_dir():
+                    with os.scandir(entry.path) as inner:
+                        entries += [
+                            (f"{entry.name}/{item.name}", item.stat().st_size, item.stat().st_mtime_ns)
+                            for item in inner
+                        ]
+    except OSError:
+        return None
+    return tuple(sorted(entries))
+
+
 def file_stamp(file: Path) -> tuple[int, int]:
     stat = file.stat()
     return stat.st_size, stat.st_mtime_ns
@@ -97,7 +117,8 @@ class ModelRegistry:
 
     A model's name is its folder's name. `list()` rescans, so models dropped in appear without a restart; broken
     folders are skipped and their one-line errors kept in `errors` (name or folder -> message). `load()` keeps at
-    most `max_loaded` pipelines, evicting the least recently used.
+    most `max_loaded` pipelines, evicting the least recently used. The speed settings (channels_last, autocast,
+    fuse_qkv, compile) apply to every pipeline it loads: see pipelines.attention and docs/performance.md.
     """
 
     def __init__(
@@ -111,11 +132,16 @@ class ModelRegistry:
         cpu_offload: bool = False,
         vae_slicing: bool = True,
         hash_cache: Path | None = None,
+        channels_last: bool = False,
+        autocast: str = "off",
+        fuse_qkv: bool = False,
+        compile: bool = False,
     ) -> None:
         if max_loaded < 1:
             raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
         check_choice(attention, ATTENTION_BACKENDS, "attention")
         check_choice(vae_tiling, VAE_TILING_MODES, "vae_tiling")
+        check_choice(autocast, AUTOCAST_MODES, "autocast")
         resolve_dtype(dtype, resolve_device(device))
         self.model_dirs = [Path(folder) for folder in model_dirs]
         self.max_loaded = max_loaded
@@ -125,9 +151,14 @@ class ModelRegistry:
         self.vae_tiling = vae_tiling
         self.vae_slicing = vae_slicing
         self.cpu_offload = cpu_offload
+        self.channels_last = channels_last
+        self.autocast = autocast
+        self.fuse_qkv = fuse_qkv
+        self.compile = compile
         self.hashes = WeightHashes(hash_cache)
         self.errors: dict[str, str] = {}
         self._loaded: OrderedDict[str, Text2ImagePipeline] = OrderedDict()
+        self._described: dict[Path, tuple[tuple, ModelInfo]] = {}
         self._lock = threading.Lock()
 
     def list(self) -> list[ModelInfo]:
@@ -159,23 +190,33 @@ class ModelRegistry:
         raise ModelNotFoundError(f"model {name!r} not found: available models are {available}")
 
     def describe(self, folder: Path) -> ModelInfo:
-        """A folder's ModelInfo with its content hash."""
+        """A folder's ModelInfo with its content hash, remembered until a file of the folder or of its component
+        folders changes (name, size or mtime): a request resolves its model with a few `stat`s instead of parsing
+        the configs and weight headers again."""
+        signature = folder_signature(folder)
+        remembered = self._described.get(folder)
+        if remembered is not None and remembered[0] == signature:
+            return remembered[1]
         info = ModelInfo.from_folder(folder)
         try:
             sha256 = self.hashes.sha256(folder)
         except OSError as error:
             raise ModelLoadError(f"{folder}: cannot read the weights: {error}") from error
-        return info.model_copy(update={"content_sha256": sha256, "content_hash": sha256[:10]})
+        info = info.model_copy(update={"content_sha256": sha256, "content_hash": sha256[:10]})
+        if signature is not None:
+            self._described[folder] = (signature, info)
+        return info
 
     def default(self) -> ModelInfo:
-        """The first model listed: put the folder whose models should win first in `model_dirs`."""
+        """The usable model with the highest `priority` (image-gen.json), the first listed among equals: the bundled
+        student outranks its teacher, and a folder listed earlier in `model_dirs` wins a tie."""
         models = self.list()
         if not models:
             folders = ", ".join(str(folder) for folder in self.model_dirs)
             raise ModelNotFoundError(
                 f"no usable model in {folders}" + "".join(f"; {e}" for e in self.errors.values())
             )
-        return models[0]
+        return max(models, key=lambda info: info.priority)  # max keeps the first of equals
 
     def load(self, name: str) -> Text2ImagePipeline:
         """The pipeline of model `name`, loaded on first use (again if its weights changed on disk)."""
@@ -199,6 +240,10 @@ class ModelRegistry:
                 vae_tiling=self.vae_tiling,
                 cpu_offload=self.cpu_offload,
                 info=info,
+                channels_last=self.channels_last,
+                autocast=self.autocast,
+                fuse_qkv=self.fuse_qkv,
+                compile=self.compile,
             )
             self._loaded[name] = pipeline
             return pipeline

@@ -12,7 +12,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,8 @@ class ObjectStore(abc.ABC):
 
 class LocalObjectStore(ObjectStore):
     """Objects as files under `root`: atomic writes (temp file + os.replace), serialised per key by flock on a
-    striped lock file, so compare-and-swap holds across processes. A key cannot be another key's directory."""
+    striped lock file, so compare-and-swap holds across processes. A key cannot be another key's directory.
+    What the file system refuses (permission denied, disk full, read-only) is raised as StorageError."""
 
     _META = ".objectstore"  # lock and temp files; never a key, since key segments cannot start with '.'
 
@@ -133,23 +134,35 @@ class LocalObjectStore(ObjectStore):
         return self.root / check_key(key)
 
     @contextmanager
+    def _os_errors(self, action: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise StorageError(f"cannot {action} {key!r} under {self.root}: {e}") from e
+
+    @contextmanager
     def _locked(self, key: str) -> Iterator[None]:
         stripe = hashlib.blake2b(key.encode(), digest_size=1).hexdigest()  # one of 256 lock files
-        fd = os.open(self._locks / f"{stripe}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        with self._os_errors("lock", key):
+            fd = os.open(self._locks / f"{stripe}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self._os_errors("lock", key):
+                fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # releases the flock
 
-    def _current_etag(self, path: Path) -> str | None:
+    def _current_etag(self, key: str, path: Path) -> str | None:
         try:
             return _etag(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        except OSError as e:
+            raise StorageError(f"cannot read {key!r} under {self.root}: {e}") from e
 
     def _replace(self, key: str, path: Path, data: bytes) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        with self._os_errors("write", key):
+            fd, tmp = tempfile.mkstemp(dir=self._tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -170,7 +183,8 @@ class LocalObjectStore(ObjectStore):
         except OSError as e:
             raise StorageError(f"cannot write {key!r} under {self.root}: {e}") from e
         finally:
-            if os.path.exists(tmp):
+            # Gone after os.replace; otherwise best effort: the error above is the one to report.
+            with suppress(OSError):
                 os.unlink(tmp)
 
     def get(self, key: str) -> StoredObject:
@@ -190,14 +204,14 @@ class LocalObjectStore(ObjectStore):
     def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> str:
         path = self._path(key)
         with self._locked(key):
-            if self._current_etag(path) is not None:
+            if self._current_etag(key, path) is not None:
                 raise PreconditionFailed(f"{key!r} already exists")
             return self._replace(key, path, data)
 
     def put_if_match(self, key: str, data: bytes, etag: str, content_type: str | None = None) -> str:
         path = self._path(key)
         with self._locked(key):
-            current = self._current_etag(path)
+            current = self._current_etag(key, path)
             if current is None:
                 raise NotFound(f"no object {key!r} in {self.root}")
             if current != etag:
@@ -228,10 +242,11 @@ class LocalObjectStore(ObjectStore):
         folder, _, name_prefix = prefix.rpartition("/")
         base = f"{folder}/" if folder else ""
         keys = self._walk(self.root / folder, base, name_prefix, start_after)
-        for count, key in enumerate(keys):
-            if limit is not None and count >= limit:
-                return
-            yield key
+        with self._os_errors("list", prefix):
+            for count, key in enumerate(keys):
+                if limit is not None and count >= limit:
+                    return
+                yield key
 
     def _walk(self, directory: Path, base: str, name_prefix: str, start_after: str | None) -> Iterator[str]:
         """Keys under `directory` in S3 order: a directory sorts as its name plus '/'."""
@@ -254,7 +269,9 @@ class LocalObjectStore(ObjectStore):
         return self._path(key).as_uri()
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        path = self._path(key)
+        with self._os_errors("look up", key):
+            return path.is_file()
 
 
 class S3ObjectStore(ObjectStore):
@@ -269,7 +286,12 @@ class S3ObjectStore(ObjectStore):
         self.prefix = f"{check_key(prefix)}/" if prefix else ""
         self.page_size = page_size
         self.client = client or boto3.client(
-            "s3", config=Config(retries={"mode": "standard", "max_attempts": 8}, max_pool_connections=32)
+            "s3",
+            config=Config(
+                retries={"mode": "standard", "max_attempts": 8},
+                max_pool_connections=32,
+                signature_version="s3v4",  # presigned URLs: botocore may default to SigV2, which S3 is retiring
+            ),
         )
         self.requests: Counter[str] = Counter()
         self._count_lock = threading.Lock()

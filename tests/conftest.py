@@ -237,6 +237,8 @@ def s3_bucket(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
 # `start_api(**settings)` runs the whole app (API, in-process worker, webhook dispatcher; the studio if asked) under
 # a real uvicorn server in a thread of the test process, on the tiny models with a fresh local store, and returns
 # its base URL. Every server a module started stops at the end of the module. torch runs on one thread meanwhile.
+# Its worker is a thread (`worker_isolation="thread"`), which starts in no time; `image-gen serve`'s default, worker
+# processes, is tested with servers of its own (tests/image_gen/test_supervisor.py).
 
 import socket  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -271,6 +273,7 @@ def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             "device": "cpu",
             "port": _free_port(),
             "request_timeout_s": 60,
+            "worker_isolation": "thread",
             **overrides,
         }
         settings = load_settings(**options)
@@ -291,6 +294,31 @@ def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     for _, thread in servers:
         thread.join(timeout=30)
     torch.set_num_threads(threads)
+
+
+# Presets that switch models, as the bundled student and teacher have them (tests/image_gen/test_presets.py).
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+
+PRESET_SPEED = {"scheduler": "lcm", "steps": 3, "guidance_scale": 1.5}
+PRESET_QUALITY = {"scheduler": "ddim", "steps": 7, "guidance_scale": 4.0, "negative_prompt": "blurry"}
+
+
+@pytest.fixture(scope="session")
+def preset_pair(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with a student (priority 1; Quality runs the teacher) and a teacher (Speed runs the
+    student), both copies of the tiny LCM model."""
+    root = tmp_path_factory.mktemp("pair")
+    manifests = {
+        "student": {"priority": 1, "presets": {"speed": PRESET_SPEED, "quality": {"model": "teacher", **PRESET_QUALITY}}},
+        "teacher": {"presets": {"speed": {"model": "student", **PRESET_SPEED}, "quality": PRESET_QUALITY}},
+    }
+    for name, manifest in manifests.items():
+        shutil.copytree(tiny_models_dir / "tiny-lcm", root / name)
+        (root / name / "image-gen.json").write_text(json.dumps(manifest))
+    return root
+
 
 
 # --- end of image_gen API section ---------------------------------------------------------------------------------

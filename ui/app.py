@@ -1,4 +1,5 @@
-"""The whole product in one app: the REST API with the studio mounted at `/` (what `image-gen serve` runs)."""
+"""The whole product in one app: the REST API with the arena at `/arena` and the studio at `/` (what `image-gen serve`
+runs)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from fastapi import FastAPI
 from image_gen.api.app import create_app
 from image_gen.server import serve as serve_app
 from image_gen.settings import Settings
+from ui.arena import mount_arena
 from ui.studio import mount_studio
 
 
 def create_product_app(settings: Settings) -> FastAPI:
     def mount(app: FastAPI) -> FastAPI:
+        app = mount_arena(app, app.state.arena, app.state.keys)  # first: the studio at `/` takes every path
         return mount_studio(app, app.state.service, app.state.submission, app.state.keys)
 
     return create_app(settings, mount_ui=mount)

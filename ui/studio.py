@@ -162,6 +162,21 @@ def form_params(
         raise gr.Error(f"{field}: {first['msg']}", title="Invalid parameters") from error
 
 
+def best_of_candidates(best_of: float, count: int) -> int | None:
+    """The request's `best_of` from the "Best of" control: None when off (1); else the candidates, at least the
+    batch count, of which the CLIP scorer's best `count` are shown."""
+    candidates = int(best_of)
+    if candidates <= 1:
+        return None
+    if candidates < count:
+        raise gr.Error(
+            f"Best of {candidates} is fewer candidates than the batch count ({count}): choose at least {count}, "
+            "or 1 for off.",
+            title="Invalid best of",
+        )
+    return candidates
+
+
 def _size(width: int, height: int) -> str:
     return f"{width}x{height}"
 
@@ -170,28 +185,28 @@ def size_choices(info: ModelInfo, current: str | None = None) -> list[str]:
     return info.allowed_sizes + ([current] if current and current not in info.allowed_sizes else [])
 
 
-def preset_values(info: ModelInfo, preset: str) -> dict[str, Any]:
-    """Steps, guidance, scheduler and size of a preset: the model's defaults with the preset's own values on top."""
-    values: dict[str, Any] = {
-        "steps": info.default_steps,
-        "guidance_scale": info.default_guidance,
-        "scheduler": info.default_scheduler,
-        "size": _size(info.native_size, info.native_size),
-    }
-    chosen = info.presets.get(preset.lower(), {})
-    values.update(
-        {k: v for k, v in chosen.items() if k in ("steps", "guidance_scale", "scheduler", "negative_prompt")}
-    )
-    if "width" in chosen or "height" in chosen:
-        values["size"] = _size(chosen.get("width", info.native_size), chosen.get("height", info.native_size))
-    return values
+def preset_values(service: GenerationService, name: str | None, preset: str) -> tuple[ModelInfo, dict[str, Any]]:
+    """The model a preset runs (a preset may switch models: the student's Quality runs its teacher) and the values
+    of the controls: steps, guidance, scheduler, size, and the negative prompt where the preset sets one."""
+    info, values = service.preset(name, preset.lower())
+    shown = {key: values[key] for key in ("steps", "guidance_scale", "scheduler")}
+    shown["size"] = _size(values["width"], values["height"])
+    if "negative_prompt" in values:
+        shown["negative_prompt"] = values["negative_prompt"]
+    return info, shown
 
 
-def preset_info(info: ModelInfo) -> str:
+def own_preset(service: GenerationService, info: ModelInfo) -> str:
+    """The preset to show for a model the designer picked: the first that runs this model itself, else Custom."""
+    return next((p for p in PRESETS[:2] if service.preset(info.name, p.lower())[0].name == info.name), "Custom")
+
+
+def preset_info(service: GenerationService, info: ModelInfo) -> str:
     parts = []
     for preset in PRESETS[:2]:
-        values = preset_values(info, preset)
-        parts.append(f"{preset}: {values['steps']} steps, {views.sampler_text(values['scheduler'])}")
+        target, values = preset_values(service, info.name, preset)
+        runs = f"{target.name}, " if target.name != info.name else ""
+        parts.append(f"{preset}: {runs}{values['steps']} steps, {views.sampler_text(values['scheduler'])}")
     return " · ".join(parts) + " · Custom: your own"
 
 
@@ -297,8 +312,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
     REST API's are: the same generation rate and concurrent-job quota per key."""
     history = History(service)
     files = ImageFiles(service)
-    default = service.model()
-    start = preset_values(default, "Speed")
+    default, start = preset_values(service, None, "Speed")
 
     def inspect(owner: str, image: HistoryImage | None) -> list[Any]:
         enabled = image is not None
@@ -318,7 +332,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
             params.prompt,
             params.negative_prompt,
             gr.update(value=info.name, info=model_note(info)),
-            gr.update(value="Custom", info=preset_info(info)),
+            gr.update(value="Custom", info=preset_info(service, info)),
             gr.update(choices=size_choices(info, size), value=size, info=size_info(info)),
             params.steps,
             params.guidance_scale,
@@ -354,16 +368,19 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
         seed_mode: str,
         seed: float | None,
         count: float,
+        best_of: float,
         request: gr.Request,
     ) -> AsyncIterator[tuple[Any, ...]]:
-        """Submit, then follow the job: (job id, status, gallery, results, seed) at each change."""
+        """Submit, then follow the job: (job id, status, gallery, results, seed) at each change. With "Best of" N,
+        the job makes N candidates and the results are the best of them by CLIPScore, best first."""
         skip = gr.skip()
         try:
             user = login.user(request)
             params = form_params(
                 prompt, negative, model, size, steps, guidance, scheduler, seed_mode, seed, count
             )
-            job = await asyncio.to_thread(submission.submit, user, params)
+            candidates = best_of_candidates(best_of, params.num_images)
+            job = await asyncio.to_thread(submission.submit, user, params, best_of=candidates)
             used_seed = job.payload["params"]["seed"]
             yield job.id, progress_status(job, None), skip, skip, used_seed
             async for latest, position in watch(user.owner, job.id):
@@ -372,6 +389,10 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
                     yield skip, progress_status(job, position), skip, skip, skip
             if job.status == "succeeded":
                 images = images_of(job)
+                if candidates is not None:
+                    ranked = await asyncio.to_thread(service.images_of, user.owner, job)
+                    by_id = {image.id: image for image in images}
+                    images = [by_id[record["id"]] for record in ranked]
                 paths = await asyncio.to_thread(
                     lambda: [files.path(user.owner, image.id) for image in images]
                 )
@@ -427,7 +448,10 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
     ) -> list[Any]:
         info = service.model(name)
         if preset != "Custom":
-            values = preset_values(info, preset)
+            # a preset that would switch back to another model gives way to the one that runs the picked model
+            preset = own_preset(service, info)
+        if preset != "Custom":
+            _, values = preset_values(service, info.name, preset)
             size, steps, guidance, scheduler = (
                 values["size"],
                 values["steps"],
@@ -441,7 +465,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
                 size = _size(info.native_size, info.native_size)
         return [
             gr.update(info=model_note(info)),
-            gr.update(info=preset_info(info)),
+            gr.update(value=preset, info=preset_info(service, info)),
             gr.update(choices=size_choices(info, size), value=size, info=size_info(info)),
             steps,
             guidance,
@@ -451,10 +475,17 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
     @readable
     def apply_preset(name: str, preset: str) -> list[Any]:
         if preset == "Custom":
-            return [gr.skip()] * 5
-        values = preset_values(service.model(name), preset)
-        negative = values.get("negative_prompt", gr.skip())
-        return [values["size"], values["steps"], values["guidance_scale"], values["scheduler"], negative]
+            return [gr.skip()] * 7
+        info, values = preset_values(service, name, preset)
+        return [
+            gr.update(value=info.name, info=model_note(info)),
+            gr.update(info=preset_info(service, info)),
+            gr.update(choices=size_choices(info, values["size"]), value=values["size"], info=size_info(info)),
+            values["steps"],
+            values["guidance_scale"],
+            values["scheduler"],
+            values.get("negative_prompt", gr.skip()),
+        ]
 
     # --- results and history ----------------------------------------------------------------------------------
 
@@ -618,7 +649,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
             values.get("prompt", gr.skip()),
             values.get("negative_prompt", gr.skip()),
             gr.update(value=info_model.name, info=model_note(info_model)),
-            gr.update(value="Custom", info=preset_info(info_model)),
+            gr.update(value="Custom", info=preset_info(service, info_model)),
             gr.update(
                 choices=size_choices(info_model, size),
                 info=size_info(info_model),
@@ -704,7 +735,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
                         list(PRESETS),
                         value="Speed",
                         label="Preset",
-                        info=preset_info(default),
+                        info=preset_info(service, default),
                         elem_id="preset",
                     )
                     size = gr.Dropdown(
@@ -746,6 +777,15 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
                         )
                     count = gr.Slider(
                         1, MAX_BATCH, value=1, step=1, label="Batch count (images)", elem_id="count"
+                    )
+                    best_of = gr.Slider(
+                        1,
+                        MAX_BATCH,
+                        value=1,
+                        step=1,
+                        label="Best of (candidates)",
+                        info="Generate this many and keep the batch count best by CLIPScore; 1: off",
+                        elem_id="best-of",
                     )
             with gr.Tab("History", id="history", elem_id="tab-history") as history_tab:
                 with gr.Row(equal_height=True):
@@ -846,7 +886,7 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
             seed,
             count,
         ]
-        inputs = [prompt, negative, model, size, steps, guidance, scheduler, seed_mode, seed, count]
+        inputs = [prompt, negative, model, size, steps, guidance, scheduler, seed_mode, seed, count, best_of]
         generate_outputs = [job_state, status, gallery, results_state, seed]
         finish_outputs = [
             generate_button,
@@ -878,7 +918,9 @@ def build_studio(service: GenerationService, submission: Submission, login: Stud
             [model, preset, size, steps, guidance, scheduler],
             **private,
         )
-        preset.input(apply_preset, [model, preset], [size, steps, guidance, scheduler, negative], **private)
+        preset.input(
+            apply_preset, [model, preset], [model, preset, size, steps, guidance, scheduler, negative], **private
+        )
         for control in (size, steps, guidance, scheduler):
             control.input(lambda: "Custom", None, preset, queue=False, **private)
         seed.input(lambda: "Fixed", None, seed_mode, queue=False, **private)

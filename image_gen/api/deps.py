@@ -3,8 +3,9 @@ and the submission of generations (generation rate, concurrent-job quota, webhoo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -18,8 +19,10 @@ from image_gen.server import is_loopback
 from image_gen.service import GenerationService
 from image_gen.settings import Settings
 from image_gen.webhooks import WebhookDispatcher
+from storage.objects import LocalObjectStore
 
 LOCAL_OWNER = "local"
+T = TypeVar("T")
 
 bearer = HTTPBearer(
     auto_error=False,
@@ -115,3 +118,12 @@ def get_optional_caller(
 
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
 OptionalCaller = Annotated[Caller | None, Depends(get_optional_caller)]
+
+
+async def read_store(service: GenerationService, read: Callable[..., T], *args: object) -> T:
+    """`read(*args)`, a function that only reads the store: in the event loop on a local store, whose reads are
+    page-cache file reads shorter than a hop to the thread pool (under load, a hop waits for the GIL: milliseconds);
+    in the thread pool on S3, whose reads are network round trips that must not stall the loop."""
+    if isinstance(service.store, LocalObjectStore):
+        return read(*args)
+    return await run_in_threadpool(read, *args)

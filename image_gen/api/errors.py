@@ -36,6 +36,17 @@ STATUS_BY_CODE = {
     "generation_failed": 500,
     "internal_error": 500,
     "timeout": 504,
+    # the arena (docs/arena.md)
+    "missing_voter": 400,
+    "invalid_voter": 403,
+    "invalid_battle_token": 403,
+    "battle_expired": 410,
+    "already_voted": 409,
+    "battle_not_ready": 409,
+    "battle_failed": 409,
+    "vote_too_early": 429,
+    "vote_limit_exceeded": 429,
+    "arena_unavailable": 503,
 }
 TYPE_BY_STATUS = {401: "authentication_error", 429: "rate_limit_error"}
 

@@ -6,8 +6,17 @@ import re
 import unicodedata
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
+from image_gen.service import GenerationService
 from pipelines.params import MAX_STEPS, SEED_MAX, GenerationParams, ModelInfo
 from storage.queue import Job
 
@@ -68,6 +77,24 @@ class GenerationRequest(BaseModel):
     scheduler: str | None = Field(
         None, max_length=50, description="e.g. ddim, euler, dpmpp_2m (GET /sdapi/v1/samplers)"
     )
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_IMAGES,
+        description="generate this many candidates (seeds seed, seed+1, ...) and return the n that the CLIP "
+        "scorer ranks best against the prompt, best first; at least n (as in OpenAI's completions API)",
+    )
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value is not None and value < n:
+            raise ValueError(
+                f"best_of ({value}) must be at least n ({n}): it is the number of candidates the n images are "
+                "chosen from"
+            )
+        return value
 
     @field_validator("size")
     @classmethod
@@ -76,11 +103,12 @@ class GenerationRequest(BaseModel):
             return value
         raise ValueError('size must be "WIDTHxHEIGHT" (e.g. "512x512") or "auto"')
 
-    def generation_params(self, model: ModelInfo) -> GenerationParams:
-        """The engine's parameters: explicit fields, else the quality preset's values, else the model's defaults."""
+    def generation_params(self, service: GenerationService) -> GenerationParams:
+        """The engine's parameters: explicit fields, else the quality preset's values (a preset may run another
+        model: GenerationService.preset), else the model's defaults."""
         preset_name = QUALITY_PRESETS.get(self.quality or "auto")
-        preset = model.presets.get(preset_name, {}) if preset_name else {}
-        width, height = preset.get("width"), preset.get("height")
+        model, preset = service.preset(self.model, preset_name)
+        width, height = (preset["width"], preset["height"]) if preset_name else (None, None)
         if self.size and self.size != "auto":
             width, height = (int(part) for part in self.size.split("x"))
         return GenerationParams(
@@ -89,11 +117,9 @@ class GenerationRequest(BaseModel):
             model=model.name,
             width=width,
             height=height,
-            steps=self.steps if self.steps is not None else preset.get("steps"),
-            guidance_scale=self.guidance_scale
-            if self.guidance_scale is not None
-            else preset.get("guidance_scale"),
-            scheduler=self.scheduler or preset.get("scheduler"),
+            steps=self.steps if self.steps is not None else preset["steps"],
+            guidance_scale=self.guidance_scale if self.guidance_scale is not None else preset["guidance_scale"],
+            scheduler=self.scheduler or preset["scheduler"],
             seed=self.seed,
             num_images=self.n,
         )
@@ -134,6 +160,7 @@ class JobRequest(GenerationRequest):
 class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
+    clip_score: float | None = Field(None, description="best_of requests: CLIPScore against the prompt (0-100)")
 
 
 class ImagesResponse(BaseModel):
@@ -150,6 +177,7 @@ class JobImage(BaseModel):
     width: int
     height: int
     url: str = Field(description="GET it with the job's key")
+    clip_score: float | None = Field(None, description="best_of jobs: CLIPScore against the prompt (0-100)")
 
 
 class JobView(BaseModel):
@@ -162,20 +190,34 @@ class JobView(BaseModel):
     queue_position: int | None = Field(None, description="jobs that run before this one (queued jobs only)")
     progress: dict[str, Any] | None = Field(None, description="step and total while running")
     images: list[JobImage] = []
+    best_of: int | None = Field(
+        None, description="candidates generated; images are the best n of them by CLIPScore, best first"
+    )
     error: str | None = None
     attempts: int
 
     @classmethod
-    def of(cls, job: Job, position: int | None = None, *, with_preview: bool = False) -> JobView:
+    def of(
+        cls,
+        job: Job,
+        position: int | None = None,
+        *,
+        with_preview: bool = False,
+        images: list[dict] | None = None,
+    ) -> JobView:
+        """`images`: the records the job presents (`GenerationService.images_of`); default: all of its images."""
         progress = dict(job.progress) if job.progress else None
         if progress and not with_preview:
             progress.pop("preview", None)
-        images = [
+        records = images if images is not None else (job.result or {}).get("images", [])
+        images_view = [
             JobImage(
-                id=r["id"], seed=r["seed"], width=r["width"], height=r["height"], url=f"/v1/images/{r['id']}"
+                id=r["id"], seed=r["seed"], width=r["width"], height=r["height"], url=f"/v1/images/{r['id']}",
+                clip_score=r.get("clip_score"),
             )
-            for r in (job.result or {}).get("images", [])
+            for r in records
         ]
+        best_of = GenerationService.best_of(job)
         return cls(
             id=job.id,
             status=job.status,  # type: ignore[arg-type]
@@ -184,7 +226,8 @@ class JobView(BaseModel):
             params=job.payload.get("params", {}),
             queue_position=position,
             progress=progress,
-            images=images,
+            images=images_view,
+            best_of=best_of,
             error=job.error,
             attempts=job.attempts,
         )

@@ -47,11 +47,14 @@ class Submission:
         priority: int = 0,
         output_format: str = "png",
         webhook_url: str | None = None,
+        best_of: int | None = None,
     ) -> Job:
         """Validate against the model, check the target of the webhook, take a generation token and a quota slot,
         queue the job and register its webhook. Bad input is refused before any limit is charged."""
         resolved = self.service.resolve(params)
-        self._check_cost(resolved)
+        if best_of is not None:
+            self.service.check_best_of(best_of, resolved.num_images)
+        self._check_cost(resolved, best_of)
         if webhook_url is not None:
             self.webhooks.check(webhook_url)
         key = caller.key
@@ -68,14 +71,16 @@ class Submission:
                 priority=priority,
                 output_format=output_format,
                 webhook_url=webhook_url,
+                best_of=best_of,
             )
             bind(job.id)
         if webhook_url is not None:
             self.webhooks.register(job, webhook_url)
         return job
 
-    def _check_cost(self, params: GenerationParams) -> None:
-        """The operator's caps on the work one request may ask for (max_steps, max_images)."""
+    def _check_cost(self, params: GenerationParams, best_of: int | None = None) -> None:
+        """The operator's caps on the work one request may ask for (max_steps, max_images; best_of candidates
+        count as images)."""
         settings = self.settings
         assert params.steps is not None
         if params.steps > settings.max_steps:
@@ -86,11 +91,20 @@ class Submission:
             raise ImageGenError(
                 f"{params.num_images} images is over this server's limit of {settings.max_images}", param="n"
             )
+        if best_of is not None and best_of > settings.max_images:
+            raise ImageGenError(
+                f"best_of {best_of} candidates is over this server's limit of {settings.max_images} images",
+                param="best_of",
+            )
 
-    async def generate(self, caller: Caller, params: GenerationParams, output_format: str = "png") -> Job:
+    async def generate(
+        self, caller: Caller, params: GenerationParams, output_format: str = "png", best_of: int | None = None
+    ) -> Job:
         """Submit and wait up to `request_timeout_s` for the job to succeed; a failure, cancellation or timeout is
         an error that names the job."""
-        job = await asyncio.to_thread(self.submit, caller, params, output_format=output_format)
+        job = await asyncio.to_thread(
+            self.submit, caller, params, output_format=output_format, best_of=best_of
+        )
         timeout = self.settings.request_timeout_s
         deadline = time.monotonic() + timeout
         while not job.finished and time.monotonic() < deadline:

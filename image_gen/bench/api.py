@@ -1,11 +1,12 @@
-"""The served API under load: `image-gen serve` (API, studio, one in-process worker) on loopback, and 200
+"""The served API under load: `image-gen serve` (API, studio, and its one worker process) on loopback, and 200
 concurrent clients for 60 s that submit jobs, poll them to the end and fetch their images, on several API keys
 with per-key rates and concurrent-job quotas.
 
 Each client loops: `POST /v1/jobs` (on 429 it waits `Retry-After`, capped, and tries again), `GET /v1/jobs/{id}`
 every `--poll` seconds until the job finishes, then `GET` its image. Latency is measured by the clients (it
-includes their own event loop's delays) and read from the server's `/metrics` histogram. The run passes when no
-request fails but with 429 and the 99th percentile of status polls is under 50 ms.
+includes their own event loop's delays, which a probe task measures apart) and read from the server's `/metrics`
+histogram. The run passes when no request fails but with 429 and the 99th percentile of status polls is under
+50 ms.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib.util
 import os
 import random
 import re
+import resource
 import socket
 import statistics
 import subprocess
@@ -33,6 +35,7 @@ from image_gen.bench.report import machine, machine_markdown, write_report
 from storage.objects import open_store
 
 P99_TARGET_MS = 50.0
+LAG_PROBE_S = 0.01  # the client's event-loop probe sleeps this long and records how late it wakes
 POLL_ROUTE = "/v1/jobs/{job_id}"
 PROMPTS = ["a red circle", "three yellow stars", "a green triangle above a white cross", "a purple square"]
 
@@ -89,6 +92,18 @@ async def _request(
 
 
 async def _client(
+    base_url: str, secret: str, body: dict, poll_s: float, deadline: float, samples: Samples
+) -> None:
+    # One connection per client, as separate programs would hold: a single pool shared by all clients costs the
+    # load generator O(connections) of bookkeeping per request (httpcore scans its pool), which at 200 connections
+    # saturated its core and was measured as server latency. Idle connections are dropped by the client before
+    # uvicorn's 5 s keep-alive ends, so that no request is sent on a connection the server is closing.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+        await _client_loop(client, secret, body, poll_s, deadline, samples)
+
+
+async def _client_loop(
     client: httpx.AsyncClient, secret: str, body: dict, poll_s: float, deadline: float, samples: Samples
 ) -> None:
     headers = {"Authorization": f"Bearer {secret}"}
@@ -116,43 +131,58 @@ async def _client(
             samples.errors.append(f"job {job_id} {status}")
 
 
+async def _loop_lag(deadline: float, lags: list[float]) -> None:
+    """How late the clients' own event loop runs a task: the part of their latencies that is not the server's."""
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        await asyncio.sleep(LAG_PROBE_S)
+        lags.append(time.perf_counter() - started - LAG_PROBE_S)
+
+
 async def _load(
     base_url: str, secrets: list[str], clients: int, duration_s: float, poll_s: float, body: dict
-) -> tuple[Samples, float]:
+) -> tuple[Samples, float, list[float]]:
     samples = Samples()
-    # Idle connections are dropped by the client before uvicorn's 5 s keep-alive ends, so that no request is
-    # sent on a connection the server is closing (a client-side race, not a server failure).
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
-        started = time.monotonic()
-        deadline = started + duration_s
-        await asyncio.gather(
-            *(
-                _client(client, secrets[i % len(secrets)], body, poll_s, deadline, samples)
-                for i in range(clients)
-            )
-        )
-        return samples, time.monotonic() - started
+    lags: list[float] = []
+    started = time.monotonic()
+    deadline = started + duration_s
+    await asyncio.gather(
+        _loop_lag(deadline, lags),
+        *(_client(base_url, secrets[i % len(secrets)], body, poll_s, deadline, samples) for i in range(clients)),
+    )
+    return samples, time.monotonic() - started, lags
+
+
+def _server_buckets(metrics: str, method: str, route: str) -> list[tuple[float, float]]:
+    """(upper bound in seconds, cumulative count) of a route's latency histogram in the server's /metrics."""
+    buckets = []
+    for line in metrics.splitlines():
+        if (
+            line.startswith("image_gen_http_request_duration_seconds_bucket")
+            and f'route="{route}"' in line
+            and f'method="{method}"' in line
+        ):
+            le = re.search(r'le="([^"]+)"', line).group(1)
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return sorted(buckets)
 
 
 def _server_share_under(metrics: str, route: str, bound: float) -> float | None:
     """The fraction of a route's GET requests that the server answered within `bound` seconds (a bucket edge)."""
-    total = under = None
-    for line in metrics.splitlines():
-        if (
-            not line.startswith("image_gen_http_request_duration_seconds_bucket")
-            or f'route="{route}"' not in line
-        ):
-            continue
-        if 'method="GET"' not in line:
-            continue
-        le = re.search(r'le="([^"]+)"', line).group(1)
-        value = float(line.rsplit(" ", 1)[1])
-        if le == "+Inf":
-            total = value
-        elif float(le) == bound:
-            under = value
+    buckets = _server_buckets(metrics, "GET", route)
+    under = next((count for le, count in buckets if le == bound), None)
+    total = buckets[-1][1] if buckets else None
     return under / total if total and under is not None else None
+
+
+def _server_quantile_bound(metrics: str, method: str, route: str, q: float) -> float | str | None:
+    """The histogram bucket edge (ms) under which the server answered a fraction `q` of a route's requests
+    ("+Inf" past the last edge)."""
+    buckets = _server_buckets(metrics, method, route)
+    if not buckets or not buckets[-1][1]:
+        return None
+    bound = next(le for le, count in buckets if count >= q * buckets[-1][1])
+    return "+Inf" if bound == float("inf") else 1000 * bound
 
 
 def _http_stack() -> str:
@@ -169,6 +199,21 @@ def _cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid` (serve's worker processes and multiprocessing's resource tracker)."""
+    children: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(child) for child in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return children
+
+
+def _cpu_of(pids: list[int]) -> dict[int, float]:
+    return {pid: seconds for pid in pids if (seconds := _cpu_seconds(pid)) is not None}
 
 
 def _free_port() -> int:
@@ -246,16 +291,21 @@ def main(argv: list[str], out: Path) -> int:
             warm.raise_for_status()
             time.sleep(60 / args.rate)  # give the warm-up's generation token back
             load_before, cpu_before = os.getloadavg()[0], _cpu_seconds(server.pid)
-            samples, elapsed = asyncio.run(
+            clients_before = resource.getrusage(resource.RUSAGE_SELF)
+            children_before = _cpu_of(_children(server.pid))
+            samples, elapsed, lags = asyncio.run(
                 _load(base_url, secrets, args.clients, args.duration, args.poll, body)
             )
             cpu_after = _cpu_seconds(server.pid)
+            children_after = _cpu_of(list(children_before))
+            clients_after = resource.getrusage(resource.RUSAGE_SELF)
             metrics = httpx.get(f"{base_url}/metrics").text
         finally:
             server.terminate()
             server.wait(timeout=60)
 
     polls = _percentiles(samples.latency["poll"])
+    worker_cpu = sum(children_after[pid] - children_before[pid] for pid in children_after)
     server_share = _server_share_under(metrics, POLL_ROUTE, P99_TARGET_MS / 1000)
     limited = sum(n for key, n in samples.statuses.items() if key.endswith(" 429"))
     passed = samples.error_count == 0 and polls.get("p99_ms", float("inf")) < P99_TARGET_MS
@@ -270,7 +320,8 @@ def main(argv: list[str], out: Path) -> int:
             "model": model["id"],
             "size": size,
             "steps": args.steps,
-            "server": "image-gen serve --workers-in-process 1 (API, studio, one worker), OMP_NUM_THREADS=1",
+            "server": "image-gen serve --workers-in-process 1 (API and studio; one worker process at nice +5), "
+            "OMP_NUM_THREADS=1",
             "http": _http_stack(),
         },
         "elapsed_s": elapsed,
@@ -284,11 +335,31 @@ def main(argv: list[str], out: Path) -> int:
         "jobs_per_s": samples.jobs_done / elapsed,
         "latency_client": {kind: _percentiles(values) for kind, values in samples.latency.items()},
         "poll_server_share_under_50ms": server_share,
+        "latency_server_bucket_ms": {
+            kind: {
+                f"p{round(100 * q)}_under": _server_quantile_bound(metrics, method, route, q)
+                for q in (0.5, 0.99)
+            }
+            for kind, method, route in (
+                ("poll", "GET", POLL_ROUTE),
+                ("submit", "POST", "/v1/jobs"),
+                ("image", "GET", "/v1/images/{image_id}"),
+            )
+        },
+        "client_loop_lag": _percentiles(lags),
         "target": {"poll_p99_ms_under": P99_TARGET_MS, "errors": 0},
         "passed": passed,
         "server_cpu_share": (cpu_after - cpu_before) / elapsed
         if cpu_before is not None and cpu_after is not None
         else None,
+        "worker_cpu_share": worker_cpu / elapsed if children_after else None,
+        "client_cpu_share": (
+            clients_after.ru_utime
+            + clients_after.ru_stime
+            - clients_before.ru_utime
+            - clients_before.ru_stime
+        )
+        / elapsed,
         "machine": {
             **{k: v for k, v in machine().items() if k != "torch_threads"},  # the client's, not the server's
             "load_average_1m_before": load_before,
@@ -301,6 +372,46 @@ def main(argv: list[str], out: Path) -> int:
         f"errors {samples.error_count}, 429s {limited}, {samples.jobs_done} jobs"
     )
     return 0 if passed else 1
+
+
+def _share(value: float | None) -> str:
+    return f"{100 * value:.0f}% of one core" if value is not None else "n/a"
+
+
+def _ms(value: float | str | None) -> str:
+    return "n/a" if value is None else f"{value:g} ms" if isinstance(value, float) else str(value)
+
+
+def _where_the_time_goes(data: dict) -> str:
+    """A failed run's account of its poll latency: the server's own share, the clients' loop, the machine."""
+    polls, lag, machine = data["latency_client"]["poll"], data["client_loop_lag"], data["machine"]
+    server = data["latency_server_bucket_ms"]["poll"]
+    share = data["poll_server_share_under_50ms"]
+    text = (
+        f"**Where the time goes.** The clients measured status polls at p50 {polls['p50_ms']:.0f} ms and p99 "
+        f"{polls['p99_ms']:.0f} ms. The server itself answered "
+        + (f"{100 * share:.2f}%" if share is not None else "an unknown share")
+        + f" of them within 50 ms (p50 under {_ms(server['p50_under'])}, p99 under {_ms(server['p99_under'])}, "
+        "from request to response in its middleware)."
+    )
+    if lag["n"]:
+        text += (
+            f" The clients' own event loop ({data['config']['clients']} clients in one Python process) ran a 10 ms "
+            f"sleep {lag['p50_ms']:.0f} ms late at p50 and {lag['p99_ms']:.0f} ms at p99, and a request waits on "
+            "it many times (connect, send, each read)"
+        )
+        server_p99 = server["p99_under"]
+        if isinstance(server_p99, float) and server_p99 < polls["p50_ms"]:
+            text += (
+                ": most of the clients' latency is spent outside the server's request handling, largely in the "
+                "load generator waiting for the CPU (the server's own time before its middleware, in socket "
+                "buffers and HTTP parsing, is not in its histogram either)"
+            )
+        text += "."
+    return text + (
+        f" The machine has {machine['cores']} cores at load average {machine['load_average_1m_before']:.1f} "
+        f"before and {machine['load_average_1m_after']:.1f} after the run."
+    )
 
 
 def write(out: Path, name: str, data: dict) -> None:
@@ -329,21 +440,35 @@ def write(out: Path, name: str, data: dict) -> None:
                 f"{row['max_ms']:.1f} |"
             )
     share = data["poll_server_share_under_50ms"]
+    if not data["passed"]:
+        lines += ["", _where_the_time_goes(data)]
     lines += [
         "",
         f"- {data['requests_per_s']:.0f} requests/s in all; {data['jobs_succeeded']} jobs succeeded "
         f"({data['jobs_per_s']:.1f}/s), {data['jobs_failed']} failed",
         f"- errors (neither 2xx nor 429): {data['errors']}; 429s: {data['rate_limited_429']}",
-        "- CPU the server process got during the load: "
-        + (
-            f"{100 * data['server_cpu_share']:.0f}% of one core"
-            if data["server_cpu_share"] is not None
-            else "n/a"
-        )
+        "- CPU during the load: the API process "
+        + _share(data["server_cpu_share"])
+        + ", its worker process "
+        + _share(data.get("worker_cpu_share"))
+        + ", the clients "
+        + _share(data.get("client_cpu_share"))
         + f" (machine: {data['machine']['cores']} cores, load average {data['machine']['load_average_1m_before']:.1f}"
         f" before and {data['machine']['load_average_1m_after']:.1f} after)",
         "- polls the server itself answered within 50 ms (its /metrics histogram): "
         + (f"{100 * share:.2f}%" if share is not None else "n/a"),
+        "- the server's own latency (histogram bucket edges): "
+        + "; ".join(
+            f"{kind} p50 under {_ms(row['p50_under'])}, p99 under {_ms(row['p99_under'])}"
+            for kind, row in data["latency_server_bucket_ms"].items()
+        ),
+        "- the clients' own event loop (a task that sleeps 10 ms) woke late by "
+        + (
+            f"{lag['p50_ms']:.1f} ms at p50, {lag['p99_ms']:.1f} ms at p99, {lag['max_ms']:.1f} ms at most"
+            if (lag := data["client_loop_lag"])["n"]
+            else "n/a"
+        )
+        + ": that much of the clients' latencies is theirs, not the server's",
         f"- status counts: {', '.join(f'{k}: {v}' for k, v in data['requests'].items())}",
         "",
         "Machine:",

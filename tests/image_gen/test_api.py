@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
@@ -85,6 +87,35 @@ def test_openai_client_url_format_gives_signed_links_that_fetch_the_png(server: 
     assert httpx.get(tampered).status_code == 404
     expired = re.sub(r"expires=\d+", "expires=1", url)
     assert httpx.get(expired).status_code == 404
+
+
+def test_on_an_s3_store_image_links_are_presigned_expiring_urls_that_download_the_png(
+    start_api: Callable[..., str], s3_bucket: str, moto_endpoint: str
+) -> None:
+    server = start_api(store=f"s3://{s3_bucket}/image-gen", image_url_expires_s=600)
+    with httpx.Client(base_url=server, timeout=60) as client:
+        generated = client.post(
+            "/v1/images/generations",
+            json={"prompt": "a blue square", "size": "32x32", "steps": 1, "seed": 5, "response_format": "url"},
+        )
+        assert generated.status_code == 200, generated.text
+        url = generated.json()["data"][0]["url"]
+        (job,) = client.get("/v1/jobs").json()["data"]
+        owned = client.get(job["images"][0]["url"])  # the owner's GET /v1/images/{id}
+
+    # The link is the store's, presigned (S3 signature v4) for image_url_expires_s from now.
+    query = parse_qs(urlparse(url).query)
+    assert url.startswith(f"{moto_endpoint}/{s3_bucket}/image-gen/"), url
+    assert query["X-Amz-Algorithm"] == ["AWS4-HMAC-SHA256"] and query["X-Amz-Signature"][0]
+    assert query["X-Amz-Expires"] == ["600"]
+    signed_at = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    assert abs(signed_at.timestamp() - time.time()) < 120
+    # It downloads the PNG over plain HTTP, without a key or credentials: the bytes the owner gets from the API.
+    png = httpx.get(url)
+    assert png.status_code == 200, png.text
+    assert png.content == owned.content and owned.headers["content-type"] == "image/png"
+    info = read_png_info(png.content)
+    assert (info.parameters["prompt"], info.parameters["seed"]) == ("a blue square", 5)
 
 
 def test_jpeg_and_webp_output_formats(client: httpx.Client) -> None:

@@ -24,6 +24,7 @@ import pytest
 from botocore.config import Config
 from PIL import Image
 
+from image_gen.errors import ImageGenError
 from image_gen.jobs import image_prefix, job_payload
 from image_gen.service import GenerationService
 from image_gen.worker import Worker
@@ -340,6 +341,71 @@ def test_another_owners_job_starts_within_the_next_max_batch_claims(
     assert queue.get(bobs.id).status == "succeeded"
     assert queue.claimed.index("bob") <= w.max_batch
     assert len(queue.claimed) <= 2 * w.max_batch
+
+
+# --- worker threads sharing a registry (serve with worker_isolation="thread") ----------------------------------
+
+
+def test_worker_threads_sharing_a_registry_take_turns_on_a_pipeline(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pipeline is not thread-safe (prompt cache, VAE tiling switch): two worker threads never run one at once."""
+    store = LocalObjectStore(tmp_path / "store")
+    queue = JobQueue(store)
+    service = GenerationService(registry, store, queue)
+    original = Text2ImagePipeline.__call__
+    guard = threading.Lock()
+    running = 0
+    seen: list[int] = []  # how many calls were running as each call started, itself included
+
+    def call(pipe: Text2ImagePipeline, *args: Any, **kwargs: Any) -> list[Image.Image]:
+        nonlocal running
+        with guard:
+            running += 1
+            seen.append(running)
+        try:
+            time.sleep(0.05)  # a window in which another thread would enter
+            return original(pipe, *args, **kwargs)
+        finally:
+            with guard:
+                running -= 1
+
+    monkeypatch.setattr(Text2ImagePipeline, "__call__", call)
+    jobs = [submit(service, f"owner{i}", f"prompt {i}", steps=1) for i in range(6)]
+    workers = [Worker(queue, store, registry, max_batch=1, idle_poll_s=0.02) for _ in range(2)]
+    threads = [threading.Thread(target=w.run, name=f"worker-{i}") for i, w in enumerate(workers)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: all(queue.get(job.id).finished for job in jobs), 120, "the jobs")
+    finally:
+        for w in workers:
+            w.stop()
+        for thread in threads:
+            thread.join(timeout=60)
+
+    finished = [queue.get(job.id) for job in jobs]
+    assert all(job.status == "succeeded" for job in finished)
+    assert {job.worker_id for job in finished} == {w.worker_id for w in workers}  # both threads worked
+    assert seen == [1] * len(jobs)
+
+
+def test_the_lease_s_setting_sets_the_lease_of_every_queue(tiny_models_dir: Path, tmp_path: Path) -> None:
+    from image_gen.api.app import create_app
+    from image_gen.runtime import open_queue
+    from image_gen.settings import load_settings
+
+    settings = load_settings(
+        store=str(tmp_path / "store"), models_dir=tiny_models_dir, device="cpu", lease_s=12, workers_in_process=0
+    )
+    _, queue = open_queue(settings)  # what `image-gen worker` and serve's worker processes use
+    job = queue.submit("alice", {"params": {}})
+    (lease,) = queue.claim("w1")
+    assert queue.lease_s == 12 and lease.job.id == job.id
+    assert lease.expires_at - lease.job.updated_at == pytest.approx(12, abs=0.5)
+    assert create_app(settings).state.service.queue.lease_s == 12  # the API's, and its worker threads'
+    with pytest.raises(ImageGenError, match="lease_s"):
+        load_settings(lease_s=1)
 
 
 # --- SIGTERM ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from pipelines.errors import ModelLoadError, ModelNotFoundError
-from pipelines.params import ModelInfo
+from pipelines.params import OVERRIDE_FILE, ModelInfo
 from pipelines.registry import ModelRegistry, WeightHashes
 
 
@@ -182,6 +182,26 @@ def test_default_is_the_first_model_of_the_first_folder(
     copy_model(tiny_sd_model, user / "zz-mine")
     assert registry(tmp_path, user, tiny_models_dir).default().name == "zz-mine"
     assert registry(tmp_path, tiny_models_dir, user).default().name == "tiny-lcm"
+
+
+def test_default_is_the_model_with_the_highest_priority(tmp_path: Path, tiny_sd_model: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    copy_model(tiny_sd_model, first / "a-teacher")
+    student = copy_model(tiny_sd_model, second / "b-student")
+    models = registry(tmp_path, first, second)
+    assert models.default().name == "a-teacher"  # equal priorities: folder order
+    (student / OVERRIDE_FILE).write_text(json.dumps({"priority": 1}))
+    assert (models.get("b-student").priority, models.get("a-teacher").priority) == (1, 0)
+    assert models.default().name == "b-student"
+
+
+def test_a_preset_may_name_a_model_but_nothing_else_unknown(tmp_path: Path, tiny_sd_model: Path) -> None:
+    model = copy_model(tiny_sd_model, tmp_path / "m")
+    (model / OVERRIDE_FILE).write_text(json.dumps({"presets": {"quality": {"model": "other", "steps": 30}}}))
+    assert ModelInfo.from_folder(model).presets["quality"] == {"model": "other", "steps": 30}
+    (model / OVERRIDE_FILE).write_text(json.dumps({"presets": {"quality": {"model": 3}}}))
+    with pytest.raises(ModelLoadError, match="preset 'quality': model must be a model's name"):
+        ModelInfo.from_folder(model)
 
 
 def test_a_folder_that_is_itself_a_model_can_be_listed(tmp_path: Path, tiny_sd_model: Path) -> None:

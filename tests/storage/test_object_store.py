@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
+import subprocess
+import tempfile
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
@@ -183,6 +189,75 @@ def test_local_key_cannot_also_be_a_directory(tmp_path: Path) -> None:
     store.put("c", b"x")
     with pytest.raises(StorageError, match="directory"):
         store.put("c/d", b"y")
+
+
+@contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """`folder` and everything in it made read-only: by chmod, or for root, whom permissions do not stop, by
+    `chattr +i`; skips the test where neither works."""
+    if os.geteuid() == 0:
+        on, off = ["chattr", "-R", "+i", str(folder)], ["chattr", "-R", "-i", str(folder)]
+    else:
+        on, off = ["chmod", "-R", "a-w", str(folder)], ["chmod", "-R", "u+w", str(folder)]
+    if subprocess.run(on, capture_output=True).returncode != 0:
+        pytest.skip(f"cannot make {folder} read-only here")
+    try:
+        yield
+    finally:
+        subprocess.run(off, check=True, capture_output=True)
+
+
+def test_local_store_raises_storage_error_when_the_file_system_refuses_writes(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+    etag = store.put("kept", b"x")
+    writes = {
+        "put": lambda: store.put("new/key", b"y"),
+        "put over": lambda: store.put("kept", b"y"),
+        "put_if_absent": lambda: store.put_if_absent("new/key", b"y"),
+        "put_if_match": lambda: store.put_if_match("kept", b"y", etag),
+        "delete": lambda: store.delete("kept"),
+    }
+    with read_only(tmp_path / "store"):
+        for name, write in writes.items():
+            with pytest.raises(StorageError, match="cannot") as refused:
+                write()
+            assert isinstance(refused.value.__cause__, OSError), name
+        assert store.get("kept").data == b"x" and store.exists("kept")
+        assert list(store.list()) == ["kept"]
+    store.put("new/key", b"y")  # writable again: nothing was left half-done
+    assert store.get("kept").data == b"x" and store.get("new/key").data == b"y"
+
+
+@pytest.mark.parametrize("failing", ["mkstemp", "fsync"])
+def test_local_store_raises_storage_error_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile if failing == "mkstemp" else os, failing, disk_full)
+    with pytest.raises(StorageError, match="No space left"):
+        store.put("a", b"x")
+    monkeypatch.undo()
+    assert not store.exists("a")
+    assert os.listdir(store.root / ".objectstore" / "tmp") == []
+
+
+@pytest.mark.parametrize("denied", ["scandir", "stat"])
+def test_local_store_raises_storage_error_when_reads_are_denied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, denied: str
+) -> None:
+    store = LocalObjectStore(tmp_path / "store")
+    store.put("a/b", b"x")
+
+    def permission_denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(os, denied, permission_denied)
+    with pytest.raises(StorageError, match="Permission denied"):
+        list(store.list("a/")) if denied == "scandir" else store.exists("a/b")
 
 
 def _increment(root: str, times: int) -> None:

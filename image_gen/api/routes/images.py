@@ -85,10 +85,10 @@ async def generate_images(
     settings: AppSettings,
 ) -> ImagesResponse:
     """Generate and wait (up to the server's request_timeout_s): OpenAI's images API."""
-    model = await asyncio.to_thread(service.model, body.model)
-    job = await submit.generate(caller, body.generation_params(model), body.output_format)
+    params = await asyncio.to_thread(body.generation_params, service)
+    job = await submit.generate(caller, params, body.output_format, body.best_of)
     data = []
-    for record in job.result["images"]:
+    for record in await asyncio.to_thread(service.images_of, caller.owner, job):
         if body.response_format == "url":
             url = await asyncio.to_thread(
                 image_link,
@@ -99,13 +99,15 @@ async def generate_images(
                 body.output_format,
                 settings.image_url_expires_s,
             )
-            data.append(ImageData(url=url))
+            data.append(ImageData(url=url, clip_score=record.get("clip_score")))
         else:
             stored = await asyncio.to_thread(service.image, caller.owner, record["id"])
             encoded = await asyncio.to_thread(
                 convert, stored.data, body.output_format, body.output_compression
             )
-            data.append(ImageData(b64_json=base64.b64encode(encoded).decode()))
+            data.append(
+                ImageData(b64_json=base64.b64encode(encoded).decode(), clip_score=record.get("clip_score"))
+            )
     params = job.payload["params"]
     return ImagesResponse(
         created=int(job.created_at),

@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Path, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from image_gen.api.deps import CurrentCaller, Service, Submit, Webhooks
+from image_gen.api.deps import CurrentCaller, Service, Submit, Webhooks, read_store
 from image_gen.api.errors import ERROR_RESPONSES
 from image_gen.api.schemas import JobList, JobRequest, JobView, WebhookRecord
 from image_gen.errors import ImageGenError
+from image_gen.service import GenerationService
+from storage.queue import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "canceled"]
@@ -37,11 +40,12 @@ def submit_job(
     """Queue a generation and return at once; follow it with GET /v1/jobs/{id} or its events."""
     job = submit.submit(
         caller,
-        body.generation_params(service.model(body.model)),
+        body.generation_params(service),
         idempotency_key=idempotency_key,
         priority=body.priority,
         output_format=body.output_format,
         webhook_url=body.webhook_url,
+        best_of=body.best_of,
     )
     view = JobView.of(job, service.position(job))
     return JSONResponse(
@@ -59,13 +63,28 @@ def list_jobs(
 ) -> JobList:
     """The caller's jobs: queued ones in the order they will run, then the rest newest first."""
     page = service.jobs(caller.owner, status=status, limit=limit, cursor=cursor)
-    return JobList(data=[JobView.of(job) for job in page.jobs], next_cursor=page.next_cursor)
+    return JobList(
+        data=[JobView.of(job, images=service.images_of(caller.owner, job)) for job in page.jobs],
+        next_cursor=page.next_cursor,
+    )
 
 
 @router.get("/{job_id}", response_model=JobView)
-def get_job(job_id: JobId, caller: CurrentCaller, service: Service) -> JobView:
-    job = service.job(caller.owner, job_id)
-    return JobView.of(job, service.position(job))
+async def get_job(job_id: JobId, caller: CurrentCaller, service: Service) -> Response:
+    # The route clients poll, kept off the thread pool where the store allows: a `def` route would take two hops,
+    # one to run and one to validate what it returns against response_model; this view is serialised as it is.
+    job, position = await read_store(service, _job_and_position, service, caller.owner, job_id)
+    if job.status == "succeeded" and service.best_of(job) is not None:  # ranked by CLIP on its first read
+        images = await run_in_threadpool(service.images_of, caller.owner, job)
+    else:
+        images = service.images_of(caller.owner, job)
+    view = JobView.of(job, position, images=images)
+    return Response(view.model_dump_json(), media_type="application/json")
+
+
+def _job_and_position(service: GenerationService, owner: str, job_id: str) -> tuple[Job, int | None]:
+    job = service.job(owner, job_id)
+    return job, service.position(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobView)
@@ -100,7 +119,12 @@ async def job_events(job_id: JobId, caller: CurrentCaller, service: Service) -> 
             job = await asyncio.to_thread(service.job, caller.owner, job_id)
             if job.version != version:
                 version = job.version
-                view = JobView.of(job, await asyncio.to_thread(service.position, job), with_preview=True)
+                view = JobView.of(
+                    job,
+                    await asyncio.to_thread(service.position, job),
+                    with_preview=True,
+                    images=await asyncio.to_thread(service.images_of, caller.owner, job),
+                )
                 kind = {"queued": "queued", "running": "progress", "succeeded": "done"}.get(
                     job.status, job.status
                 )
