@@ -21,10 +21,19 @@ TEACHER_NAME = "inhouse-shapes"
 STUDENT_NAME = "inhouse-shapes-lcm"
 
 
-def _manifest(native: int, label: str, description: str, distilled: bool) -> dict:
+SPEED = {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.5}
+QUALITY = {"scheduler": "dpmpp_2m", "steps": 25, "guidance_scale": 4.0}
+
+
+def _manifest(native: int, label: str, description: str, distilled: bool, partner: str | None) -> dict:
+    """image-gen.json. The student is the default model (priority 1) and its Quality preset runs the teacher; the
+    teacher's Speed preset runs the student (`partner`: the other model's name, None when there is none)."""
     sizes = [f"{s}x{s}" for s in (native, native * 2)] + [f"{native * 2}x{native}", f"{native}x{native * 2}"]
-    speed = {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.5}
-    quality = {"scheduler": "dpmpp_2m", "steps": 25, "guidance_scale": 4.0}
+    own = SPEED if distilled else QUALITY
+    if distilled:
+        presets = {"speed": SPEED, "quality": {"model": partner, **QUALITY} if partner else {"steps": 8}}
+    else:
+        presets = {"speed": {"model": partner, **SPEED} if partner else {"steps": 10}, "quality": QUALITY}
     return {
         "label": label,
         "description": description,
@@ -32,16 +41,17 @@ def _manifest(native: int, label: str, description: str, distilled: bool) -> dic
         "allowed_sizes": sizes,
         "min_size": 64,
         "max_size": native * 4,
-        "default_scheduler": (speed if distilled else quality)["scheduler"],
-        "default_steps": (speed if distilled else quality)["steps"],
-        "default_guidance": (speed if distilled else quality)["guidance_scale"],
-        "presets": {"speed": speed, "quality": quality} if distilled else {"quality": quality},
+        "default_scheduler": own["scheduler"],
+        "default_steps": own["steps"],
+        "default_guidance": own["guidance_scale"],
+        "presets": presets,
         "distilled": distilled,
+        "priority": 1 if distilled else 0,
     }
 
 
 def write_model_folder(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, distilled: bool,
-                       description: str) -> Path:
+                       description: str, partner: str | None = None) -> Path:
     """A folder stock `StableDiffusionPipeline.from_pretrained` loads; weights in fp16 safetensors."""
     tokenizer, encoder = load_text_encoder()
     scheduler = (LCMScheduler if distilled else DDIMScheduler)(**NOISE_SCHEDULE)
@@ -52,22 +62,25 @@ def write_model_folder(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL
     install_text_encoder(out)
     native = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     label = "in-house, distilled" if distilled else "in-house"
-    (out / "image-gen.json").write_text(json.dumps(_manifest(native, label, description, distilled), indent=2) + "\n")
+    manifest = _manifest(native, label, description, distilled, partner)
+    (out / "image-gen.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
 def export_models(run_dir: Path, out: Path, teacher_tag: str = "final") -> list[Path]:
     """Write the teacher (EMA weights) and, when distilled, the student into `out`."""
     vae = AutoencoderKL.from_pretrained(run_dir / "vae" / "final")
+    student = run_dir / "distill" / "final" / "unet"
     written = [write_model_folder(
         out / TEACHER_NAME, UNet2DConditionModel.from_pretrained(run_dir / "unet" / teacher_tag / "unet-ema"), vae,
         distilled=False, description="In-house teacher trained from scratch on procedural captioned shapes.",
+        partner=STUDENT_NAME if student.exists() else None,
     )]
-    student = run_dir / "distill" / "final" / "unet"
     if student.exists():
         written.append(write_model_folder(
             out / STUDENT_NAME, UNet2DConditionModel.from_pretrained(student),
             AutoencoderKL.from_pretrained(run_dir / "vae" / "final"), distilled=True,
             description="LCM-distilled student of inhouse-shapes: 4 steps, no unconditional pass.",
+            partner=TEACHER_NAME,
         ))
     return written

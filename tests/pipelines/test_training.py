@@ -159,10 +159,22 @@ def test_each_folder_has_an_image_gen_manifest_with_presets_and_sizes(chain: Cha
         assert f"{IMAGE_SIZE}x{IMAGE_SIZE}" in manifest["allowed_sizes"]
         assert all(IMAGE_SIZE <= int(side) <= manifest["max_size"] for size in manifest["allowed_sizes"]
                    for side in size.split("x"))
-    assert set(teacher["presets"]) == {"quality"} and teacher["distilled"] is False
-    assert set(student["presets"]) == {"speed", "quality"} and student["distilled"] is True
+    assert set(teacher["presets"]) == set(student["presets"]) == {"speed", "quality"}
+    assert (teacher["distilled"], student["distilled"]) == (False, True)
     assert student["presets"]["speed"]["scheduler"] == "lcm" and student["default_steps"] <= 4
     assert (student["default_scheduler"], teacher["default_scheduler"]) == ("lcm", "dpmpp_2m")
+    # Speed runs the student and Quality the teacher, whichever of the two is chosen
+    assert student["presets"]["quality"]["model"] == TEACHER_NAME and "model" not in student["presets"]["speed"]
+    assert teacher["presets"]["speed"]["model"] == STUDENT_NAME and "model" not in teacher["presets"]["quality"]
+
+
+@pytest.mark.slow
+def test_the_registry_defaults_to_the_student(chain: Chain, tmp_path: Path) -> None:
+    from pipelines.registry import ModelRegistry
+
+    models = ModelRegistry([chain.out], device="cpu", hash_cache=tmp_path / "hashes.json")
+    assert sorted(info.name for info in models.list()) == [TEACHER_NAME, STUDENT_NAME]
+    assert models.default().name == STUDENT_NAME
 
 
 @pytest.mark.slow
