@@ -147,6 +147,17 @@ def test_frechet_distance_interval_brackets_its_estimate():
     assert result["n"] == len(a) and result["reference_n"] == len(b)
 
 
+def test_frechet_interval_contains_the_distance_when_resampling_inflates_it():
+    # 80 images against 160 references in 64 dimensions, as a short evaluation has them: every resample's distance
+    # is above the full sets' one, so a plain percentile interval would miss it entirely.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(80, 64)), rng.normal(size=(160, 64)) + 0.05
+    result = frechet_distance_with_interval(a, b, rounds=100)
+    assert result["bootstrap_bias"] > 0
+    assert result["low"] <= result["mean"] <= result["high"]
+    assert result["low"] < result["high"]
+
+
 def test_r_precision_counts_a_hit_only_when_the_true_caption_beats_every_distractor():
     true_scores = np.array([0.9, 0.5, 0.5])
     distractors = np.array([[0.1, 0.8], [0.6, 0.1], [0.5, 0.2]])  # a tie is a miss
