@@ -49,8 +49,9 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
-def _check_inputs(stage: str, run_dir: Path) -> None:
+def _check_inputs(stage: str, run_dir: Path, teacher: str = "final") -> None:
     for folder, command in NEEDS.get(stage, ()):
+        folder = folder.replace("unet/final/", f"unet/{teacher}/")
         if not (run_dir / folder / "config.json").is_file():
             raise PipelineError(f"{run_dir / folder} not found: run `image-gen train {command} --run-dir {run_dir}` "
                                 "first")
@@ -73,12 +74,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
         p.add_argument("--dataset-size", type=_positive(int), default=DEFAULTS[stage].get("dataset_size", 40_000))
         p.add_argument("--image-size", type=_positive(int), default=128)
+        if stage == "distill":
+            p.add_argument("--teacher", default="final", metavar="TAG",
+                           help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N")
         if stage == "clip":
             p.add_argument("--out", type=Path, default=None,
                            help="also save the trained model here (the bundled one: eval/models/inhouse-clip)")
     export = sub.add_parser("export", help="write the teacher and student as diffusers folders")
     export.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
     export.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    export.add_argument("--teacher", default="final", metavar="TAG",
+                        help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N, e.g. to "
+                        "evaluate a run's progress (image-gen eval --models-dir OUT)")
     report = sub.add_parser("report", help="loss plots and a summary of a run, for the model card")
     report.add_argument("--run-dir", type=Path, default=Path("runs/inhouse"))
     report.add_argument("--out", type=Path, default=Path("docs/model-card"))
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        _check_inputs(args.stage, args.run_dir)
+        _check_inputs(args.stage, args.run_dir, getattr(args, "teacher", "final"))
         return _run(args)
     except PipelineError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -110,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.stage == "export":
         from pipelines.training.export import export_models
 
-        for path in export_models(args.run_dir, args.out):
+        for path in export_models(args.run_dir, args.out, teacher_tag=args.teacher):
             print(path)
         return 0
     config = RunConfig(
@@ -134,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from pipelines.training.distill import DistillConfig, distill
 
-        distill(config, DistillConfig())
+        distill(config, DistillConfig(teacher=args.teacher))
     return 0
 
 

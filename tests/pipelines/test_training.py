@@ -205,6 +205,15 @@ def test_a_stage_before_the_one_it_needs_is_refused(tmp_path: Path, capsys, stag
     assert not (tmp_path / stage).exists()
 
 
+@pytest.mark.parametrize("stage", ["distill", "export"])
+def test_a_missing_teacher_snapshot_is_named(tmp_path: Path, capsys, stage: str) -> None:
+    for folder in ("vae/final", "unet/final/unet-ema"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    assert train([stage, "--run-dir", str(tmp_path), "--teacher", "step-7"]) == 2
+    assert f"{tmp_path / 'unet' / 'step-7' / 'unet-ema'} not found" in one_line_error(capsys.readouterr().err)
+
+
 def test_a_data_folder_without_captions_jsonl_is_refused(tmp_path: Path, capsys) -> None:
     (tmp_path / "images").mkdir()
     assert train(["vae", "--run-dir", str(tmp_path / "run"), "--data", str(tmp_path / "images"), *TINY]) == 2
