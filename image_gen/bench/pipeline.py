@@ -84,10 +84,11 @@ def resolve_model(name: str | None, registry: ModelRegistry) -> ModelInfo:
     return registry.get(name) if name else registry.default()
 
 
-def build_registry(device: str, dtype: str, attention: str) -> ModelRegistry:
+def build_registry(device: str, dtype: str, attention: str, **options: Any) -> ModelRegistry:
+    """The bundled, the user's and the stand-in models; `options`: the registry's speed settings (autocast...)."""
     settings = load_settings()
     folders = [BUNDLED_MODELS_DIR, settings.models_dir, bench_models_dir()]
-    return ModelRegistry(folders, device=device, dtype=dtype, attention=attention)
+    return ModelRegistry(folders, device=device, dtype=dtype, attention=attention, **options)
 
 
 def load_stock(info: ModelInfo, dtype: torch.dtype, device: torch.device):

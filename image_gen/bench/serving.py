@@ -26,6 +26,7 @@ from image_gen.bench.pipeline import PROMPTS, build_registry, resolve_model
 from image_gen.bench.report import machine, machine_markdown, summary, write_report
 from image_gen.jobs import batch_key, job_payload
 from image_gen.worker import Worker
+from pipelines.attention import AUTOCAST_MODES
 from pipelines.params import GenerationParams
 from pipelines.registry import ModelRegistry
 from storage.objects import LocalObjectStore
@@ -87,12 +88,14 @@ def main(argv: list[str], out: Path) -> int:
     parser.add_argument("--size", type=int, default=None, help="square size (default: the model's native)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0: torch's own)")
+    parser.add_argument("--autocast", choices=AUTOCAST_MODES, default="off",
+                        help="the pipelines' autocast (bfloat16 on CPUs with AVX-512 BF16; default: off)")
     parser.add_argument("--name", default="serving", help="report file stem")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dtype = "float16" if args.device.startswith("cuda") else "float32"
-    registry = build_registry(args.device, dtype, "sdpa")
+    registry = build_registry(args.device, dtype, "sdpa", autocast=args.autocast)
     info = resolve_model(args.model, registry)
     registry.load(info.name)
     params = info.resolve(GenerationParams(prompt="warm up", model=info.name, steps=args.steps, seed=0,
@@ -131,6 +134,8 @@ def main(argv: list[str], out: Path) -> int:
         "label": info.label,
         "params": {"size": params.width, "steps": params.steps, "scheduler": params.scheduler,
                    "guidance": params.guidance_scale},
+        "autocast": args.autocast,
+        "threads": torch.get_num_threads(),
         "jobs_per_client": args.jobs,
         "max_batch": args.max_batch,
         "repeats": args.repeats,
@@ -143,6 +148,14 @@ def main(argv: list[str], out: Path) -> int:
     return 0
 
 
+def _columns_note(threads: int) -> str:
+    if threads == 1:
+        return ("Jobs per CPU second of the worker thread (one torch thread, clients' polling not counted) are robust "
+                "to other tenants; jobs per wall second are what the clients saw.")
+    return (f"{threads} torch threads: the CPU columns count the worker's own thread only, not torch's other "
+            "threads, so read the wall columns (what the clients saw), measured with the machine to itself.")
+
+
 def markdown(data: dict) -> str:
     p = data["params"]
     lines = [
@@ -151,12 +164,11 @@ def markdown(data: dict) -> str:
         f"`{data['command']}`",
         "",
         f"{data['model']} ({data['label']}), {p['size']}x{p['size']} px, {p['steps']} steps {p['scheduler']}, "
-        f"guidance {p['guidance']:g}, one image per job. N clients each submit {data['jobs_per_client']} jobs one "
-        "after another (submit, wait, submit) to one worker: batched (max_batch "
-        f"{data['max_batch']}: same-key jobs share a UNet batch) or one at a time (max_batch 1). Includes claiming, "
-        "PNG and thumbnail writing and completion on a local store. Medians over "
-        f"{data['repeats']} run(s) per cell; jobs per CPU second of the worker thread (one torch thread, clients' "
-        "polling not counted) are robust to other tenants, jobs per wall second are what the clients saw.",
+        f"guidance {p['guidance']:g}, autocast {data.get('autocast', 'off')}, one image per job. N clients each "
+        f"submit {data['jobs_per_client']} jobs one after another (submit, wait, submit) to one worker: batched "
+        f"(max_batch {data['max_batch']}: same-key jobs share a UNet batch) or one at a time (max_batch 1). Includes "
+        "claiming, PNG and thumbnail writing and completion on a local store. Medians over "
+        f"{data['repeats']} run(s) per cell. " + _columns_note(data.get("threads", 1)),
         "",
         "| clients | one at a time jobs/CPU-s | batched jobs/CPU-s | **ratio (CPU)** | one at a time jobs/s (wall) "
         "| batched jobs/s (wall) | ratio (wall) |",
