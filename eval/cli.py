@@ -62,6 +62,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distractor prompts for R-precision (default: 10)")
     parser.add_argument("--limit", type=int, metavar="N", help="an evenly spread subset of N prompts")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default: 8)")
+    parser.add_argument("--samples", type=Path, metavar="DIR",
+                        help="also write sample sheets there: a PNG strip per category and samples.md")
+    parser.add_argument("--samples-per-category", type=int, default=6, metavar="K",
+                        help="images per category in the sample sheets (default: 6)")
     parser.add_argument("--scorer", type=Path, metavar="DIR",
                         help="CLIP folder: the in-house layout or a transformers CLIPModel (default: bundled)")
     _gate_arguments(parser)
@@ -177,7 +181,8 @@ def run_leaderboard(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace, registry: ModelRegistry) -> int:
     for flag, value in (("--images-per-prompt", args.images_per_prompt), ("--distractors", args.distractors),
-                        ("--limit", args.limit), ("--batch-size", args.batch_size), ("--steps", args.steps)):
+                        ("--limit", args.limit), ("--batch-size", args.batch_size), ("--steps", args.steps),
+                        ("--samples-per-category", args.samples_per_category)):
         _positive(value, flag)
     width, height = parse_size(args.size)
     if args.guidance is not None and not args.guidance >= 0:
@@ -185,8 +190,9 @@ def _run_eval(args: argparse.Namespace, registry: ModelRegistry) -> int:
     if args.name is not None and not _NAME.fullmatch(args.name):
         raise EvalUsageError(f"--name must be 1 to 64 letters, digits and . _ @ - not starting with a dot (it names "
                              f"a file), got {args.name!r}")
-    if args.out.exists() and not args.out.is_dir():
-        raise EvalUsageError(f"--out {args.out} is a file: give a folder for the results")
+    for flag, folder in (("--out", args.out), ("--samples", args.samples)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise EvalUsageError(f"{flag} {folder} is a file: give a folder")
     baseline, tolerance, metrics = _gate_options(args)
 
     from eval.suites import load_suite
@@ -222,12 +228,15 @@ def _run_eval(args: argparse.Namespace, registry: ModelRegistry) -> int:
     with tqdm(total=len(prompts) * config.images_per_prompt, desc=config.label, unit="image", leave=False,
               disable=None) as bar:
         result = evaluate(generate, prompts, scorer, config, model_info=model_info, suite=args.suite,
-                          device=pipe.device, progress=lambda done, _: bar.update(done - bar.n), name=args.name)
+                          device=pipe.device, progress=lambda done, _: bar.update(done - bar.n), name=args.name,
+                          samples=args.samples, samples_per_category=args.samples_per_category)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{result['name']}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     summary = result["summary"]
     print(path)
+    if args.samples is not None:
+        print(args.samples / "samples.md")
     print(f"{result['name']}: CLIPScore {summary['clip_score']['mean']:.2f}, "
           + (f"R-precision {summary['r_precision']['mean']:.1%}, " if "r_precision" in summary else "")
           + (f"compositional {summary['compositional']['mean']:.1%}, " if "compositional" in summary else "")

@@ -28,6 +28,7 @@ from eval.metrics import (
     retrieval_hits,
 )
 from eval.results import RESULTS_FORMAT
+from eval.samples import write_samples
 from eval.suites import SuitePrompt, format_suite, load_suite
 from pipelines.training.clip import scene_key
 from pipelines.training.scenes import make_scene
@@ -190,14 +191,17 @@ def summarize_rows(rows: list[dict], fd: dict, seconds_per_image: float, peak_mb
 
 def evaluate(generate: Generate, prompts: list[SuitePrompt], scorer: ClipScorer, config: EvalConfig, *,
              model_info: dict, suite: Path | None, device: torch.device | str = "cpu",
-             progress: Progress | None = None, name: str | None = None) -> dict:
+             progress: Progress | None = None, name: str | None = None, samples: Path | None = None,
+             samples_per_category: int = 6) -> dict:
     """The results record of one configuration (see docs/evaluation.md for the format), named `name` (default: the
-    configuration's label)."""
+    configuration's label); with `samples`, also its sample sheets there (eval.samples)."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
     device = torch.device(device)
     images, seconds, peak_mb = generate_all(generate, prompts, config, device, progress)
     rows, fd = score_images(images, prompts, scorer, config.distractors)
+    if samples is not None:
+        write_samples(images, prompts, rows, samples, samples_per_category, title=name or config.label)
     return {
         "format": RESULTS_FORMAT,
         "name": name or config.label,

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from eval.suites import SuitePrompt, format_suite, load_suite
 from image_gen.cli import main
@@ -37,9 +38,21 @@ def test_eval_writes_a_results_file_and_a_rerun_of_the_baseline_passes_the_gate(
 ):
     common = ("eval", "--models-dir", tiny_models_dir, "--device", "cpu", "--model", "tiny-lcm", "--steps", 2,
               "--suite", suite_file, "--limit", 8)
-    assert run(*common, "--out", tmp_path / "base") == 0
+    assert run(*common, "--out", tmp_path / "base", "--samples", tmp_path / "samples", "--samples-per-category", 2) == 0
     baseline = tmp_path / "base" / "tiny-lcm-lcm-2steps-g8-32x32.json"
     result = json.loads(baseline.read_text())
+    # sample sheets: a strip of at most 2 images (32 px, 4 px apart) per category, each named in samples.md
+    strips = sorted((tmp_path / "samples").glob("*.png"))
+    categories = {row["category"] for row in result["prompts"]}
+    assert {strip.stem for strip in strips} == categories
+    sheet = (tmp_path / "samples" / "samples.md").read_text()
+    for strip in strips:
+        shown = [row for row in result["prompts"] if row["category"] == strip.stem][:2]
+        with Image.open(strip) as image:
+            assert image.size == (32 * len(shown) + 4 * (len(shown) - 1), 32)
+        for row in shown:
+            verdict = "n/a" if row["passed"][0] is None else "pass" if row["passed"][0] else "fail"
+            assert f"| {row['prompt']} | {verdict} |" in sheet
     assert result["config"]["content_hash"] and len(result["config"]["content_hash"]) == 10
     assert result["config"]["steps"] == 2 and result["config"]["prompts"] == 8
     assert len(result["prompts"]) == 8 and all(len(row["clip_score"]) == 2 for row in result["prompts"])
@@ -100,11 +113,14 @@ def test_the_gate_fails_on_the_distilled_model_at_1_step_against_its_4_step_base
     (("--steps", "many"), "invalid int value"),
     (("--scorer", "no-such-folder"), "does not exist"),
     (("--name", "../up"), "--name must be 1 to 64 letters"),
+    (("--samples-per-category", 0), "--samples-per-category must be at least 1"),
+    (("--samples", "a-file.txt"), "--samples a-file.txt is a file: give a folder"),
 ])
 def test_eval_rejects_bad_input_with_one_line_and_exit_code_2(
     argv, message, tiny_models_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file.txt").write_text("not a folder")
     assert run("eval", "--models-dir", tiny_models_dir, "--device", "cpu", "--model", "tiny-lcm", *argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("image-gen: error: ") and error.count("\n") == 1, error
