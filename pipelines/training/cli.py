@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
         p.add_argument("--dataset-size", type=_positive(int), default=DEFAULTS[stage].get("dataset_size", 40_000))
         p.add_argument("--image-size", type=_positive(int), default=128)
+        if stage == "unet":
+            p.add_argument("--unet-config", type=Path, metavar="FILE",
+                           help="JSON of UNet fields to change, e.g. a larger one for a GPU: "
+                           '{"block_out_channels": [128, 256, 384], "layers_per_block": 2}')
         if stage == "distill":
             p.add_argument("--teacher", default="final", metavar="TAG",
                            help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N")
@@ -131,9 +135,9 @@ def _run(args: argparse.Namespace) -> int:
 
         train_vae(config, VaeConfig())
     elif args.stage == "unet":
-        from pipelines.training.unet import UnetConfig, train_unet
+        from pipelines.training.unet import UnetConfig, load_unet_config, train_unet
 
-        train_unet(config, UnetConfig())
+        train_unet(config, load_unet_config(args.unet_config) if args.unet_config else UnetConfig())
     elif args.stage == "clip":
         from pipelines.training.clip import train_clip
 

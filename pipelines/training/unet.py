@@ -6,7 +6,9 @@ with a warm-up so early weights do not linger in the shipped model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from pipelines.errors import PipelineError
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
 from pipelines.training.data import CaptionedImages, load_dataset
 from pipelines.training.scenes import SCENE_VERSION
@@ -45,6 +48,40 @@ class UnetConfig:
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     ema_max_decay: float = 0.9995
+
+
+def load_unet_config(file: Path) -> UnetConfig:
+    """A UnetConfig from a JSON object of its fields (the others keep their defaults), e.g. a larger UNet for a
+    GPU: {"block_out_channels": [128, 256, 384], "layers_per_block": 2}."""
+    try:
+        fields = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"--unet-config {file}: cannot read it as JSON: {error}") from None
+    known = {field.name for field in dataclasses.fields(UnetConfig)}
+    if not isinstance(fields, dict) or set(fields) - known:
+        unknown = sorted(set(fields) - known) if isinstance(fields, dict) else "not an object"
+        raise PipelineError(f"--unet-config {file}: unknown keys {unknown}: use {', '.join(sorted(known))}")
+    fields = {key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()}
+    try:
+        config = UnetConfig(**fields)
+        if not len(config.block_out_channels) == len(config.down_block_types) == len(config.up_block_types):
+            raise ValueError("block_out_channels, down_block_types and up_block_types need one entry per level")
+    except (TypeError, ValueError) as error:
+        raise PipelineError(f"--unet-config {file}: {error}") from None
+    return config
+
+
+def check_resumable(run: TrainingRun, config: UnetConfig) -> None:
+    """Refuse to resume a checkpoint of another architecture (its weights would not load)."""
+    saved = run.dir / "config.json"
+    if not (run.checkpoint_dir / "progress.json").exists() or not saved.exists():
+        return
+    before = json.loads(saved.read_text()).get("unet", {})
+    now = json.loads(json.dumps(config.__dict__))
+    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    if changed:
+        raise PipelineError(f"{run.dir} holds a checkpoint of another UNet ({', '.join(changed)} differ): resume it "
+                            "with the --unet-config it started with, or train in a new --run-dir")
 
 
 def build_unet(config: UnetConfig, latent_channels: int, sample_size: int, cross_attention_dim: int = 384,
@@ -104,6 +141,7 @@ def prepare_training_data(run: TrainingRun) -> tuple[torch.Tensor, CaptionedImag
 
 def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
     run = TrainingRun(run_config, "unet")
+    check_resumable(run, config)
     run.write_config({"unet": config.__dict__, "noise_schedule": NOISE_SCHEDULE})
     latents, data, states = prepare_training_data(run)
     scheduler = DDPMScheduler(**NOISE_SCHEDULE)

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from pipelines.training.cli import main as train
@@ -178,6 +180,32 @@ def test_the_registry_defaults_to_the_student(chain: Chain, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+def test_unet_config_trains_the_unet_it_names(chain: Chain, tmp_path: Path) -> None:
+    shutil.copytree(chain.run_dir / "vae", tmp_path / "run" / "vae")
+    smaller = {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 2}
+    (tmp_path / "unet.json").write_text(json.dumps(smaller))
+    code, _ = run_quietly(["unet", "--steps", "1", "--run-dir", str(tmp_path / "run"), "--unet-config",
+                           str(tmp_path / "unet.json"), *TINY])
+    assert code == 0
+    recorded = json.loads((tmp_path / "run" / "unet" / "config.json").read_text())["unet"]
+    assert {key: recorded[key] for key in smaller} == smaller
+    built = UNet2DConditionModel.load_config(tmp_path / "run" / "unet" / "final" / "unet-ema")
+    assert built["block_out_channels"] == [32, 64] and built["layers_per_block"] == 2
+
+
+@pytest.mark.slow
+def test_resuming_a_checkpoint_with_another_unet_config_is_refused(chain: Chain, tmp_path: Path, capsys) -> None:
+    progress = (chain.run_dir / "unet" / "checkpoint" / "progress.json").read_text()
+    (tmp_path / "unet.json").write_text(json.dumps({"layers_per_block": 2}))
+    assert train(["unet", "--steps", "6", "--run-dir", str(chain.run_dir), "--unet-config",
+                  str(tmp_path / "unet.json"), *TINY]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "holds a checkpoint of another UNet (layers_per_block differ)" in line and "new --run-dir" in line
+    assert (chain.run_dir / "unet" / "checkpoint" / "progress.json").read_text() == progress
+
+
+@pytest.mark.slow
 def test_a_time_budget_stops_early_with_a_checkpoint(tmp_path: Path) -> None:
     code, _ = run_quietly(["vae", "--steps", "100000", "--time-budget", "0.02", "--run-dir", str(tmp_path), *TINY])
     assert code == 0
@@ -212,6 +240,21 @@ def test_a_missing_teacher_snapshot_is_named(tmp_path: Path, capsys, stage: str)
         (tmp_path / folder / "config.json").write_text("{}")
     assert train([stage, "--run-dir", str(tmp_path), "--teacher", "step-7"]) == 2
     assert f"{tmp_path / 'unet' / 'step-7' / 'unet-ema'} not found" in one_line_error(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "cannot read it as JSON"),
+    ('{"channels": [1]}', "unknown keys ['channels']"),
+    ("[1, 2]", "unknown keys not an object"),
+    ('{"block_out_channels": [32, 64]}', "need one entry per level"),
+])
+def test_a_bad_unet_config_is_refused(tmp_path: Path, capsys, content: str, message: str) -> None:
+    (tmp_path / "vae" / "final").mkdir(parents=True)
+    (tmp_path / "vae" / "final" / "config.json").write_text("{}")
+    (tmp_path / "unet.json").write_text(content)
+    assert train(["unet", "--run-dir", str(tmp_path), "--unet-config", str(tmp_path / "unet.json")]) == 2
+    assert message in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "unet").exists()
 
 
 def test_a_data_folder_without_captions_jsonl_is_refused(tmp_path: Path, capsys) -> None:
