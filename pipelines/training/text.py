@@ -23,7 +23,9 @@ def minilm_path() -> Path:
 
 def load_text_encoder(device: torch.device | str = "cpu") -> tuple[BertTokenizer, BertModel]:
     tokenizer = BertTokenizer.from_pretrained(minilm_path(), model_max_length=MAX_TOKENS)
-    encoder = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False).to(device).eval().requires_grad_(False)
+    # With its pooler (unused here: token states are what the UNet and the CLIP read), as the package ships it, so
+    # loading reports no unexpected weights.
+    encoder = BertModel.from_pretrained(minilm_path()).to(device).eval().requires_grad_(False)
     return tokenizer, encoder
 
 
