@@ -6,7 +6,7 @@ import sys
 
 from image_gen.errors import ImageGenError
 from image_gen.settings import Settings
-from pipelines.registry import BUNDLED_MODELS_DIR, ModelRegistry
+from pipelines.registry import BUNDLED_MODELS_DIR, ModelRegistry, complete_bundled_models
 from storage.objects import ObjectStore, open_store
 from storage.queue import JobQueue
 
@@ -31,9 +31,10 @@ def build_registry(settings: Settings, *, bootstrap: bool) -> ModelRegistry:
             "to a folder of diffusers model folders",
             param="models_dir",
         )
-    model_dirs = (
-        [BUNDLED_MODELS_DIR, settings.models_dir] if BUNDLED_MODELS_DIR.is_dir() else [settings.models_dir]
-    )
+    bundled = settings.bundled_models and BUNDLED_MODELS_DIR.is_dir()
+    if bundled:
+        complete_bundled_models()
+    model_dirs = [BUNDLED_MODELS_DIR, settings.models_dir] if bundled else [settings.models_dir]
 
     def build() -> ModelRegistry:
         return ModelRegistry(

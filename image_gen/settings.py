@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     fuse_qkv: bool = Field(default=False, description="one projection matmul for query, key and value")
     compile: bool = Field(default=False, description="torch.compile the UNet, warmed up when a model loads")
     max_loaded_models: int = Field(default=2, ge=1)
+    bundled_models: bool = Field(
+        default=True,
+        description="list the models shipped in the package (pipelines/models) before models_dir; off: only your own",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=7860, ge=1, le=65535)
     workers_in_process: int = Field(default=1, ge=0, description="workers `image-gen serve` runs beside its API")

