@@ -224,7 +224,8 @@ def _run_eval(args: argparse.Namespace, registry: ModelRegistry) -> int:
                     config.guidance_scale, config.scheduler)
 
     model_info = {"content_hash": info.content_hash, "content_sha256": info.content_sha256,
-                  "architecture": info.architecture, "dtype": str(pipe.dtype).removeprefix("torch.")}
+                  "architecture": info.architecture, "dtype": str(pipe.dtype).removeprefix("torch."),
+                  "optimizations": pipe.optimizations.to_dict()}  # autocast, compile...: they change the pixels
     with tqdm(total=len(prompts) * config.images_per_prompt, desc=config.label, unit="image", leave=False,
               disable=None) as bar:
         result = evaluate(generate, prompts, scorer, config, model_info=model_info, suite=args.suite,

@@ -55,6 +55,7 @@ def test_eval_writes_a_results_file_and_a_rerun_of_the_baseline_passes_the_gate(
             assert f"| {row['prompt']} | {verdict} |" in sheet
     assert result["config"]["content_hash"] and len(result["config"]["content_hash"]) == 10
     assert result["config"]["steps"] == 2 and result["config"]["prompts"] == 8
+    assert result["config"]["optimizations"]["autocast"] == "off"  # the settings that drew the images
     assert len(result["prompts"]) == 8 and all(len(row["clip_score"]) == 2 for row in result["prompts"])
     summary = result["summary"]
     for metric in ("clip_score", "r_precision", "compositional", "diversity", "frechet_distance"):
