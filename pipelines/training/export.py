@@ -21,7 +21,7 @@ TEACHER_NAME = "inhouse-shapes"
 STUDENT_NAME = "inhouse-shapes-lcm"
 
 
-SPEED = {"scheduler": "lcm", "steps": 4, "guidance_scale": 1.5}
+SPEED = {"scheduler": "lcm", "steps": 4, "guidance_scale": 3.0}
 QUALITY = {"scheduler": "dpmpp_2m", "steps": 25, "guidance_scale": 4.0}
 
 
