@@ -121,7 +121,7 @@ def markdown(data: dict) -> str:
     for role in ("teacher", "student"):
         r = data[role]
         cpu, wall = r["seconds_per_image_cpu"], r["seconds_per_image_wall"]
-        score = "not measured (random weights)" if r["quality"] is None else "; ".join(
+        score = "not measured (--no-quality)" if r["quality"] is None else "; ".join(
             f"{name} {v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for name, v in r["quality"].items())
         lines.append(
             f"| {r['model']} ({role}, {r['label']}) | {r['scheduler']} | {r['steps']} | {r['guidance_scale']:g} | "
