@@ -72,12 +72,9 @@ def install_text_encoder(folder: Path) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".text-encoder-", dir=folder))
     try:
         BertTokenizer.from_pretrained(source, model_max_length=MAX_TOKENS).save_pretrained(staging / "tokenizer")
-        for name in _ENCODER_FILES:
-            (staging / "text_encoder").mkdir(exist_ok=True)
-            try:  # a hard link costs no space; across file systems, a copy
-                os.link(source / name, staging / "text_encoder" / name)
-            except OSError:
-                shutil.copyfile(source / name, staging / "text_encoder" / name)
+        (staging / "text_encoder").mkdir()
+        for name in _ENCODER_FILES:  # copies, not links: a later save_pretrained into the folder writes in place
+            shutil.copyfile(source / name, staging / "text_encoder" / name)
         for component in ("tokenizer", "text_encoder"):
             (folder / component).mkdir(exist_ok=True)
             for file in sorted((staging / component).iterdir(), key=lambda f: f.name == "model.safetensors"):
