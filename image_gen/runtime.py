@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from image_gen.errors import ImageGenError
 from image_gen.settings import Settings
@@ -22,6 +23,15 @@ def check_device(device: str) -> None:
         )
 
 
+def model_folders(settings: Settings) -> list[Path]:
+    """The folders the registry searches: the shipped models (completed with their text encoder first) unless
+    `bundled_models` is off, then `models_dir`."""
+    if settings.bundled_models and BUNDLED_MODELS_DIR.is_dir():
+        complete_bundled_models()
+        return [BUNDLED_MODELS_DIR, settings.models_dir]
+    return [settings.models_dir]
+
+
 def build_registry(settings: Settings, *, bootstrap: bool) -> ModelRegistry:
     """The registry over the bundled models and `models_dir`; with `bootstrap`, builds the untrained tiny model
     into `models_dir` first when no model exists anywhere."""
@@ -31,10 +41,7 @@ def build_registry(settings: Settings, *, bootstrap: bool) -> ModelRegistry:
             "to a folder of diffusers model folders",
             param="models_dir",
         )
-    bundled = settings.bundled_models and BUNDLED_MODELS_DIR.is_dir()
-    if bundled:
-        complete_bundled_models()
-    model_dirs = [BUNDLED_MODELS_DIR, settings.models_dir] if bundled else [settings.models_dir]
+    model_dirs = model_folders(settings)
 
     def build() -> ModelRegistry:
         return ModelRegistry(

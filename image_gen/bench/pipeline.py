@@ -26,10 +26,11 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from image_gen.bench.measure import PeakMemory, Stopwatch, mib
 from image_gen.bench.models import BUILDERS, bench_models_dir, ensure_bench_model
 from image_gen.bench.report import machine, machine_markdown, summary, write_report
+from image_gen.runtime import model_folders
 from image_gen.settings import load_settings
 from pipelines.attention import Optimizations, check_autocast, set_vae_slicing
 from pipelines.params import ModelInfo, read_json
-from pipelines.registry import BUNDLED_MODELS_DIR, ModelRegistry, complete_bundled_models
+from pipelines.registry import ModelRegistry
 from pipelines.schedulers import make_scheduler
 from pipelines.text2image import Text2ImagePipeline, load_component, resolve_device
 
@@ -86,9 +87,7 @@ def resolve_model(name: str | None, registry: ModelRegistry) -> ModelInfo:
 
 def build_registry(device: str, dtype: str, attention: str, **options: Any) -> ModelRegistry:
     """The bundled, the user's and the stand-in models; `options`: the registry's speed settings (autocast...)."""
-    settings = load_settings()
-    complete_bundled_models()
-    folders = [BUNDLED_MODELS_DIR, settings.models_dir, bench_models_dir()]
+    folders = [*model_folders(load_settings()), bench_models_dir()]
     return ModelRegistry(folders, device=device, dtype=dtype, attention=attention, **options)
 
 
