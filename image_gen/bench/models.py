@@ -1,9 +1,10 @@
 """Random-weight stand-ins for benchmarks: the in-house architecture and the Stable Diffusion 1.5 architecture,
 built once into a cache folder (speed and memory do not depend on the weights; images from them are noise).
 
-`inhouse-arch-random`: exactly what `pipelines/training/export.py` writes for `inhouse-shapes` (UnetConfig and
-VaeConfig defaults, 16 latent channels, 16x16 latents, v-prediction, the MiniLM encoder with 32 tokens), with
-random UNet and VAE weights. `inhouse-arch-random-lcm`: the same with the LCM student's guidance embedding.
+`inhouse-arch-random`: the bundled `inhouse-shapes` with random UNet and VAE weights (their configs are copied from
+the bundled folder, and a cached stand-in is rebuilt when those change), written by `pipelines/training/export.py`
+as the real one (v-prediction, the MiniLM encoder with 32 tokens). `inhouse-arch-random-lcm`: the same for the
+LCM student `inhouse-shapes-lcm` (its guidance embedding, no unconditional pass).
 `sd15-arch-random`: SD 1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs with random weights; its tokenizer is
 a character-level CLIP tokenizer (no BPE vocabulary can be downloaded), padded to SD's 77 tokens as the real one is.
 """
@@ -96,21 +97,31 @@ def bench_models_dir() -> Path:
     return cache / "image-gen" / "bench-models"
 
 
+def _bundled_configs(distilled: bool) -> tuple[dict, dict]:
+    """The UNet and VAE configs of the bundled model the stand-in copies (teacher, or its LCM student)."""
+    from pipelines.params import read_json
+    from pipelines.registry import BUNDLED_MODELS_DIR
+    from pipelines.training.export import STUDENT_NAME, TEACHER_NAME
+
+    folder = BUNDLED_MODELS_DIR / (STUDENT_NAME if distilled else TEACHER_NAME)
+    return read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json")
+
+
+def _architecture(config: dict) -> dict:
+    return {key: value for key, value in config.items() if not key.startswith("_")}
+
+
 def _build_inhouse(folder: Path, distilled: bool) -> None:
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from pipelines.training.export import write_model_folder
     from pipelines.training.text import MAX_TOKENS
-    from pipelines.training.unet import UnetConfig, build_unet
-    from pipelines.training.vae import VaeConfig, build_vae
 
     torch.manual_seed(SEED)
-    vae_config = VaeConfig()
-    native = 16 * 2 ** (len(vae_config.block_out_channels) - 1)
-    vae = build_vae(vae_config, native)
-    vae.register_to_config(scaling_factor=1.0)
-    # As the distilled student: a guidance embedding (LCM's w), no unconditional pass.
-    unet = build_unet(UnetConfig(), vae_config.latent_channels, 16, time_cond_proj_dim=256 if distilled else None)
+    unet_config, vae_config = map(_architecture, _bundled_configs(distilled))
+    vae = AutoencoderKL.from_config(vae_config)
+    unet = UNet2DConditionModel.from_config(unet_config)
     kind = "LCM student" if distilled else "teacher"
     write_model_folder(
         folder,
@@ -167,12 +178,27 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 
 
+def _stale(name: str, folder: Path) -> bool:
+    """Whether a cached in-house stand-in was built for another bundled architecture than the one shipped now."""
+    if name not in (INHOUSE_ARCH, INHOUSE_ARCH_LCM):
+        return False
+    from pipelines.params import read_json
+
+    bundled = dict(zip(("unet", "vae"), _bundled_configs(distilled=name == INHOUSE_ARCH_LCM), strict=True))
+    for component, config in bundled.items():
+        cached = read_json(folder / component / "config.json")
+        if any(cached.get(key) != value for key, value in _architecture(config).items()):
+            return True
+    return False
+
+
 def ensure_bench_model(name: str, root: Path | None = None) -> Path:
     """The folder of stand-in `name`, built on first use (into a staging folder, then renamed into place)."""
     root = root or bench_models_dir()
     folder = root / name
-    if (folder / "model_index.json").is_file():
+    if (folder / "model_index.json").is_file() and not _stale(name, folder):
         return folder
+    shutil.rmtree(folder, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:

@@ -116,21 +116,29 @@ def test_distill_benchmark_times_student_against_teacher(tmp_path: Path) -> None
     assert data["speedup_cpu"]["median"] > 0
 
 
-def test_inhouse_stand_in_has_the_teacher_architecture(tmp_path: Path) -> None:
+def test_inhouse_stand_in_has_the_bundled_teacher_architecture(tmp_path: Path) -> None:
     from pipelines.params import read_json
+    from pipelines.registry import BUNDLED_MODELS_DIR
     from pipelines.training.text import MAX_TOKENS
-    from pipelines.training.unet import UnetConfig
-    from pipelines.training.vae import VaeConfig
 
     folder = ensure_bench_model(INHOUSE_ARCH, tmp_path)
-    unet, vae = read_json(folder / "unet" / "config.json"), read_json(folder / "vae" / "config.json")
-    assert tuple(unet["block_out_channels"]) == UnetConfig().block_out_channels
-    assert unet["in_channels"] == VaeConfig().latent_channels == vae["latent_channels"] and unet["sample_size"] == 16
-    assert tuple(vae["block_out_channels"]) == VaeConfig().block_out_channels
+    for component in ("unet", "vae"):
+        bundled = read_json(BUNDLED_MODELS_DIR / "inhouse-shapes" / component / "config.json")
+        built = read_json(folder / component / "config.json")
+        assert {key: built[key] for key in bundled if not key.startswith("_")} == {
+            key: value for key, value in bundled.items() if not key.startswith("_")}
     assert read_json(folder / "scheduler" / "scheduler_config.json")["prediction_type"] == "v_prediction"
     assert read_json(folder / "tokenizer" / "tokenizer_config.json")["model_max_length"] == MAX_TOKENS
     assert "random weights" in read_json(folder / "image-gen.json")["label"]
+    built_at = (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert ensure_bench_model(INHOUSE_ARCH, tmp_path) == folder  # cached
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == built_at
+
+    # A stand-in cached for another architecture (an older bundled model) is rebuilt.
+    config = read_json(folder / "unet" / "config.json")
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": 3}))
+    assert ensure_bench_model(INHOUSE_ARCH, tmp_path) == folder
+    assert read_json(folder / "unet" / "config.json")["layers_per_block"] == config["layers_per_block"]
 
 
 def test_sd15_stand_in_tokenizer_pads_to_77_tokens() -> None:

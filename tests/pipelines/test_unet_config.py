@@ -1,0 +1,73 @@
+"""The teacher UNet's layout: `attention_head_dim` is channels per head (diffusers' argument of that name counts
+heads), the shipped teacher's recipe rebuilds its exact layout, and a run started under the old meaning is not
+resumed under the new one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+
+from pipelines.errors import PipelineError
+from pipelines.registry import BUNDLED_MODELS_DIR
+from pipelines.training.unet import UnetConfig, build_unet, check_resumable, load_unet_config
+
+RECIPE = Path(__file__).parents[2] / "pipelines" / "training" / "recipes" / "inhouse-shapes.json"
+
+
+def heads_by_width(unet: UNet2DConditionModel) -> dict[int, set[tuple[int, int]]]:
+    """(heads, channels per head) of every attention layer, by the layer's width."""
+    found: dict[int, set[tuple[int, int]]] = {}
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            width = module.to_q.out_features
+            found.setdefault(width, set()).add((module.heads, width // module.heads))
+    return found
+
+
+def test_attention_head_dim_is_channels_per_head() -> None:
+    unet = build_unet(UnetConfig(), latent_channels=16, sample_size=16)
+    assert heads_by_width(unet) == {64: {(2, 32)}, 128: {(4, 32)}, 192: {(6, 32)}}
+    # Attention at every level, the full-resolution one included.
+    assert all(block.startswith("CrossAttn") for block in unet.config.down_block_types + unet.config.up_block_types)
+
+
+def test_the_shipped_teachers_recipe_rebuilds_its_layout() -> None:
+    shipped = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(BUNDLED_MODELS_DIR / "inhouse-shapes" / "unet"))
+    rebuilt = build_unet(load_unet_config(RECIPE), latent_channels=16, sample_size=16)
+    assert heads_by_width(rebuilt) == heads_by_width(shipped) == {128: {(32, 4)}, 192: {(32, 6)}}
+    assert {name: tensor.shape for name, tensor in rebuilt.state_dict().items()} == {
+        name: tensor.shape for name, tensor in shipped.state_dict().items()}
+
+
+def a_run_with_checkpoint(tmp_path: Path, unet: dict) -> SimpleNamespace:
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "progress.json").write_text(json.dumps({"step": 250}))
+    (tmp_path / "config.json").write_text(json.dumps({"unet": unet}))
+    return SimpleNamespace(dir=tmp_path, checkpoint_dir=tmp_path / "checkpoint")
+
+
+def test_a_run_started_when_the_head_size_counted_heads_resumes_only_with_that_layout(tmp_path: Path) -> None:
+    recipe = load_unet_config(RECIPE)
+    # What the first teacher's run wrote: the shipped block types, attention_head_dim 32, no attention_heads.
+    written_then = {key: value for key, value in json.loads(json.dumps(recipe.__dict__)).items()
+                    if key != "attention_heads"}
+    run = a_run_with_checkpoint(tmp_path, written_then)
+    check_resumable(run, recipe)  # 32 heads per level, as it was trained
+    same_blocks = UnetConfig(down_block_types=recipe.down_block_types, up_block_types=recipe.up_block_types)
+    with pytest.raises(PipelineError, match=r"another UNet \(attention_heads differ\)"):
+        check_resumable(run, same_blocks)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"attention_head_dim": 48}, "attention_head_dim 48 must divide every entry of block_out_channels [64, 128, 192]"),
+    ({"attention_heads": (2, 4)}, "attention_heads needs one entry per level"),
+])
+def test_a_head_layout_that_does_not_fit_the_channels_is_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        UnetConfig(**fields)
