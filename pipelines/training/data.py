@@ -6,7 +6,7 @@ A folder dataset is `images/*.png|jpg` plus `captions.jsonl` with lines `{"file"
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +14,22 @@ import torch
 from PIL import Image
 
 from pipelines.errors import PipelineError
-from pipelines.training.scenes import SCENE_VERSION, make_dataset
+from pipelines.training.scenes import SCENE_VERSION, make_dataset, scene_paraphrases
 
 _LINE_FORMAT = '{"file": "images/x.png", "caption": "..."}'
+
+PARAPHRASES_PER_SCENE = 2
+"""Training paraphrases kept per procedural scene (a user's folder dataset has its captions only)."""
 
 
 @dataclass
 class CaptionedImages:
-    """Images as uint8 (n, h, w, 3) with one caption each."""
+    """Images as uint8 (n, h, w, 3) with one caption each, and other captions of each image to train on (procedural
+    scenes: `scenes.paraphrase`; empty for a folder dataset)."""
 
     images: np.ndarray
     captions: list[str]
+    paraphrases: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -40,16 +45,22 @@ def procedural_dataset(n: int, seed: int, size: int, cache_dir: Path | None = No
     if cache_dir is not None:
         stem = cache_dir / f"scenes-v{SCENE_VERSION}-n{n}-s{seed}-{size}px"
         if stem.with_suffix(".npy").exists() and stem.with_suffix(".jsonl").exists():
-            captions = [json.loads(line)["caption"] for line in stem.with_suffix(".jsonl").open()]
-            return CaptionedImages(np.load(stem.with_suffix(".npy"), mmap_mode="r"), captions)
-    images, scenes = make_dataset(n, seed=seed, size=size)
+            scenes = [json.loads(line) for line in stem.with_suffix(".jsonl").open()]
+            return _with_paraphrases(np.load(stem.with_suffix(".npy"), mmap_mode="r"), scenes)
+    images, rendered = make_dataset(n, seed=seed, size=size)
+    scenes = [scene.to_json() for scene in rendered]
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
         np.save(stem.with_suffix(".npy"), images)
         with stem.with_suffix(".jsonl").open("w") as f:
             for scene in scenes:
-                f.write(json.dumps(scene.to_json()) + "\n")
-    return CaptionedImages(images, [scene.caption for scene in scenes])
+                f.write(json.dumps(scene) + "\n")
+    return _with_paraphrases(images, scenes)
+
+
+def _with_paraphrases(images: np.ndarray, scenes: list[dict]) -> CaptionedImages:
+    return CaptionedImages(images, [scene["caption"] for scene in scenes],
+                           [scene_paraphrases(scene, PARAPHRASES_PER_SCENE) for scene in scenes])
 
 
 def folder_dataset(root: Path, size: int) -> CaptionedImages:

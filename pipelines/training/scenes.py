@@ -299,6 +299,76 @@ def caption_for(kind: str, objects: list[SceneObject], relation: str | None, bac
     return text
 
 
+# --- training paraphrases ---------------------------------------------------------------------------------------
+# More ways to say what a scene shows than `caption_for`'s templates, for training only (never the evaluation's
+# held-out words or templates): with one spelling per concept a UNet learns the spelling; with several it has to read
+# the concept from the text encoder's token states, which is what carries it to phrasings it never saw.
+PARAPHRASE_SHAPE_WORDS = {
+    "circle": ("circle", "disc", "ball", "orb"),
+    "square": ("square", "block", "tile"),
+    "triangle": ("triangle", "wedge", "three-sided figure"),
+    "star": ("star", "starburst", "spiky star"),
+    "cross": ("cross", "plus sign", "plus", "cross mark"),
+}
+PARAPHRASE_PLURALS = {"ball": "balls", "orb": "orbs", "block": "blocks", "tile": "tiles", "wedge": "wedges",
+                      "three-sided figure": "three-sided figures", "starburst": "starbursts",
+                      "spiky star": "spiky stars", "plus": "pluses", "cross mark": "cross marks"}
+PARAPHRASE_RELATION_WORDS = {
+    "left of": ("to the left of", "left of", "further left than"),
+    "right of": ("to the right of", "right of", "further right than"),
+    "above": ("above", "over", "higher up than"),
+    "below": ("below", "under", "beneath", "lower down than"),
+}
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PARAPHRASE_TEMPLATES = {
+    "single": ("{p}", "a drawing of {p}", "{p} on a {bg} background", "a {bg} background with {p}",
+               "a simple image of {p}"),
+    "counting": ("{number} {color} {plural}", "a drawing of {number} {color} {plural}",
+                 "{number} {plural} in {color}", "{color} {plural}, {number} of them",
+                 "a {bg} background with {number} {color} {plural}"),
+    "two_objects": ("{a} and {b}", "{a} with {b}", "{a}, {b}", "a drawing of {a} and {b}",
+                    "a {bg} background with {a} and {b}"),
+    "position": ("{a} {words} {b}", "{a} is {words} {b}", "a drawing of {a} {words} {b}",
+                 "a {bg} background with {a} {words} {b}"),
+}
+
+
+def paraphrase(kind: str, objects: list[SceneObject], relation: str | None, background: str,
+               rng: random.Random) -> str:
+    """One caption of the scene in the paraphrase vocabulary. A relation is said either way round ("a left of b"
+    or "b right of a"), so the words, not the order of the objects, carry the layout."""
+
+    def phrase(obj: SceneObject) -> str:
+        adjectives = f"{obj.size} {obj.color}" if rng.random() < 0.3 else obj.color
+        article = "an" if adjectives[0] in "aeiou" else "a"
+        return f"{article} {adjectives} {rng.choice(PARAPHRASE_SHAPE_WORDS[obj.shape])}"
+
+    template = rng.choice(PARAPHRASE_TEMPLATES[kind])
+    if kind == "single":
+        return template.format(p=phrase(objects[0]), bg=background)
+    if kind == "counting":
+        obj = objects[0]
+        noun = rng.choice(PARAPHRASE_SHAPE_WORDS[obj.shape])
+        if len(objects) == 1:
+            return f"one {obj.color} {noun}"
+        plural = PARAPHRASE_PLURALS.get(noun) or SHAPE_PLURALS.get(noun, noun + "s")
+        return template.format(number=NUMBER_WORDS[len(objects)], color=obj.color, plural=plural, bg=background)
+    a, b = phrase(objects[0]), phrase(objects[1])
+    if kind == "two_objects":
+        if rng.random() < 0.5:
+            a, b = b, a
+        return template.format(a=a, b=b, bg=background)
+    if rng.random() < 0.5:
+        a, b, relation = b, a, INVERSE_RELATION[relation]
+    return template.format(a=a, b=b, words=rng.choice(PARAPHRASE_RELATION_WORDS[relation]), bg=background)
+
+
+def scene_paraphrases(scene: dict, count: int) -> list[str]:
+    """`count` paraphrases of a scene (as `Scene.to_json` writes it), the same ones for the same scene."""
+    objects = [SceneObject(o["shape"], o["color"], o["size"], tuple(o["box"])) for o in scene["objects"]]
+    rng = random.Random(f"paraphrase-{scene['seed']}")
+    return [paraphrase(scene["kind"], objects, scene["relation"], scene["background"], rng) for _ in range(count)]
+
 def make_scene(seed: int, size: int = 128, kind: str | None = None, heldout: bool = False) -> tuple[Image.Image, Scene]:
     """Render scene number `seed`: the same seed always gives the same image and caption."""
     rng = random.Random(seed)

@@ -51,6 +51,8 @@ class UnetConfig:
     diffusers' `attention_head_dim` argument counts heads, not channels, so the first teacher (inhouse-shapes)
     was trained with 32 heads of 2, 4 and 6 channels (see pipelines/training/recipes/inhouse-shapes.json)."""
     caption_dropout: float = 0.1
+    paraphrase_rate: float = 0.5
+    """Share of (non-dropped) training captions replaced by one of the scene's paraphrases, when the data has them."""
     min_snr_gamma: float = 5.0
     ema_max_decay: float = 0.9995
 
@@ -62,6 +64,9 @@ class UnetConfig:
             self.attention_heads = tuple(channels // self.attention_head_dim for channels in self.block_out_channels)
         elif len(self.attention_heads) != len(self.block_out_channels):
             raise ValueError("attention_heads needs one entry per level of block_out_channels")
+        for name in ("caption_dropout", "paraphrase_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
 
 def load_unet_config(file: Path) -> UnetConfig:
@@ -94,6 +99,8 @@ def check_resumable(run: TrainingRun, config: UnetConfig) -> None:
     if "attention_heads" not in before and "attention_head_dim" in before:
         # Written before heads were derived from the head size: diffusers took attention_head_dim as the head count.
         before["attention_heads"] = [before["attention_head_dim"]] * len(before.get("block_out_channels", ()))
+    if before:
+        before.setdefault("paraphrase_rate", 0.0)  # written before paraphrases: the scenes' own captions only
     now = json.loads(json.dumps(config.__dict__))
     changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
     if changed:
@@ -140,8 +147,9 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return torch.clamp(snr, max=gamma) / (snr + 1)
 
 
-def prepare_training_data(run: TrainingRun) -> tuple[torch.Tensor, CaptionedImages, CaptionStates]:
-    """The dataset's cached latents, its captions and their cached token states."""
+def prepare_training_data(run: TrainingRun, paraphrases: bool = False
+                          ) -> tuple[torch.Tensor, CaptionedImages, CaptionStates]:
+    """The dataset's cached latents, its captions (and paraphrases) and their cached token states."""
     config = run.config
     vae = AutoencoderKL.from_pretrained(config.run_dir / "vae" / "final").to(run.device)
     data = load_dataset(config.data, config.dataset_size, config.seed, config.image_size, config.run_dir / "data")
@@ -152,15 +160,36 @@ def prepare_training_data(run: TrainingRun) -> tuple[torch.Tensor, CaptionedImag
     vae_id = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]  # new VAE weights, new latents
     latents = encode_latents(vae, data, config.run_dir / "data" / f"latents-{tag}-vae{vae_id}.npy")
     tokenizer, encoder = load_text_encoder(run.device)
-    states = CaptionStates(data.captions, tokenizer, encoder, config.run_dir / "data" / f"text-{tag}.npy")
+    captions = data.captions
+    if paraphrases and data.paraphrases:
+        captions = captions + [text for texts in data.paraphrases for text in texts]
+        tag = f"{tag}-para{len(data.paraphrases[0])}"
+    else:
+        data.paraphrases = []
+    states = CaptionStates(captions, tokenizer, encoder, config.run_dir / "data" / f"text-{tag}.npy")
     return latents, data, states
+
+
+def training_captions(data: CaptionedImages, index: np.ndarray, config: UnetConfig,
+                      rng: np.random.Generator) -> list[str]:
+    """The batch's captions: dropped to "" at caption_dropout, else the scene's own caption or, at
+    paraphrase_rate, one of its paraphrases."""
+    captions = []
+    for i in index:
+        if rng.random() < config.caption_dropout:
+            captions.append("")
+        elif data.paraphrases and config.paraphrase_rate and rng.random() < config.paraphrase_rate:
+            captions.append(data.paraphrases[i][rng.integers(len(data.paraphrases[i]))])
+        else:
+            captions.append(data.captions[i])
+    return captions
 
 
 def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
     run = TrainingRun(run_config, "unet")
     check_resumable(run, config)
     run.write_config({"unet": config.__dict__, "noise_schedule": NOISE_SCHEDULE})
-    latents, data, states = prepare_training_data(run)
+    latents, data, states = prepare_training_data(run, paraphrases=config.paraphrase_rate > 0)
     scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     unet = build_unet(config, latents.shape[1], latents.shape[-1])
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
@@ -176,7 +205,7 @@ def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, run_config.steps, 500, run_config.lr)
         index = rng.integers(0, len(data), run_config.batch_size)
-        captions = ["" if rng.random() < config.caption_dropout else data.captions[i] for i in index]
+        captions = training_captions(data, index, config, rng)
         x0 = latents[index].to(run.device)
         noise = torch.randn(x0.shape, generator=generator).to(run.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)

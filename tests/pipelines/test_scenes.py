@@ -21,8 +21,12 @@ from pipelines.training.scenes import (
     COLORS,
     HELDOUT_RELATION_WORDS,
     HELDOUT_SHAPE_WORDS,
+    INVERSE_RELATION,
     KINDS,
     NUMBER_WORDS,
+    PARAPHRASE_PLURALS,
+    PARAPHRASE_RELATION_WORDS,
+    PARAPHRASE_SHAPE_WORDS,
     RELATION_WORDS,
     RELATIONS,
     SCENE_VERSION,
@@ -34,6 +38,7 @@ from pipelines.training.scenes import (
     caption_for,
     make_dataset,
     make_scene,
+    scene_paraphrases,
 )
 
 SAMPLE_SEEDS = range(400)
@@ -272,7 +277,7 @@ def test_held_out_phrasings_never_occur_in_training_captions(sample) -> None:
     scenes = [scene for _, scene in sample]
     training = [scene.caption for scene in scenes] + [
         caption_for(s.kind, s.objects, s.relation, s.background, random.Random(k)) for s in scenes for k in range(10)
-    ]
+    ] + [text for s in scenes for text in scene_paraphrases(s.to_json(), 10)]
     heldout = [caption_for(s.kind, s.objects, s.relation, s.background, random.Random(k), heldout=True)
                for s in scenes for k in range(3)]
     heldout += [make_scene(seed, size=64, heldout=True)[1].caption for seed in range(30)]
@@ -299,3 +304,49 @@ def test_held_out_captions_keep_the_scene_they_describe() -> None:
             assert obj.color in heldout_scene.caption and HELDOUT_SHAPE_WORDS[obj.shape] in heldout_scene.caption
         if scene.relation:
             assert HELDOUT_RELATION_WORDS[scene.relation] in heldout_scene.caption
+
+
+# --- training paraphrases -------------------------------------------------------------------------------------------
+
+
+def paraphrase_nouns(shape: str) -> re.Pattern[str]:
+    nouns = PARAPHRASE_SHAPE_WORDS[shape]
+    return phrase_pattern(list(nouns) + [PARAPHRASE_PLURALS.get(n) or SHAPE_PLURALS[n] for n in nouns])
+
+
+def test_paraphrases_say_what_the_scene_shows(sample) -> None:
+    said_backwards = 0
+    for _, scene in sample:
+        for text in scene_paraphrases(scene.to_json(), 4):
+            for obj in scene.objects:
+                assert re.search(rf"\b{obj.color}\b", text) and paraphrase_nouns(obj.shape).search(text), (scene, text)
+            if scene.kind == "counting":
+                assert re.search(rf"\b{NUMBER_WORDS[len(scene.objects)]}\b", text), (scene, text)
+            if scene.relation:
+                a, b = scene.objects
+                first_is_a = text.index(f" {a.color} ") < text.index(f" {b.color} ")
+                relation = scene.relation if first_is_a else INVERSE_RELATION[scene.relation]
+                said_backwards += not first_is_a
+                assert phrase_pattern(PARAPHRASE_RELATION_WORDS[relation]).search(text), (scene, text)
+                wrong = [w for r, ws in PARAPHRASE_RELATION_WORDS.items() if r != relation for w in ws
+                         if w not in PARAPHRASE_RELATION_WORDS[relation]]
+                assert not phrase_pattern(wrong).search(text), (scene, text)
+    assert said_backwards > 0, "relations are said either way round"
+
+
+def test_paraphrases_are_fixed_per_scene_and_varied_across_scenes(sample) -> None:
+    scenes = [scene.to_json() for _, scene in sample]
+    assert [scene_paraphrases(s, 2) for s in scenes] == [scene_paraphrases(json.loads(json.dumps(s)), 2)
+                                                         for s in scenes]
+    texts = [text for s in scenes for text in scene_paraphrases(s, 2)]
+    assert len(set(texts)) > 0.8 * len(texts), "mostly distinct"
+    for words_of_shape in PARAPHRASE_SHAPE_WORDS.values():
+        assert all(phrase_pattern([word]).search(" ".join(texts)) for word in words_of_shape), words_of_shape
+
+
+def test_paraphrases_fit_the_text_encoders_token_length(sample) -> None:
+    from pipelines.training.text import MAX_TOKENS, load_text_encoder
+
+    tokenizer, _ = load_text_encoder()
+    texts = [text for _, scene in sample for text in scene_paraphrases(scene.to_json(), 4)]
+    assert max(len(ids) for ids in tokenizer(texts).input_ids) <= MAX_TOKENS

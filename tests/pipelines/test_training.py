@@ -23,6 +23,7 @@ from PIL import Image
 from pipelines.training.cli import main as train
 from pipelines.training.distill import DistillConfig
 from pipelines.training.export import STUDENT_NAME, TEACHER_NAME
+from pipelines.training.scenes import SCENE_VERSION
 from pipelines.training.text import MAX_TOKENS
 
 IMAGE_SIZE = 64
@@ -89,6 +90,11 @@ def test_each_stage_writes_its_weights_and_config(chain: Chain) -> None:
     assert json.loads((run / "vae" / "final" / "config.json").read_text())["scaling_factor"] > 0
     config = json.loads((run / "distill" / "config.json").read_text())
     assert (config["steps"], config["batch_size"], config["dataset_size"], config["image_size"]) == (2, 2, 16, 64)
+    # The teacher trained on the scenes' captions and two paraphrases of each; the student on the captions.
+    assert json.loads((run / "unet" / "config.json").read_text())["unet"]["paraphrase_rate"] == 0.5
+    caches = sorted(path.name for path in (run / "data").glob("text-*.npy"))
+    assert caches == [f"text-v{SCENE_VERSION}-n16-s0-64px-para2.npy", f"text-v{SCENE_VERSION}-n16-s0-64px.npy"]
+    assert len(np.load(run / "data" / caches[0])) > len(np.load(run / "data" / caches[1]))
 
 
 @pytest.mark.slow

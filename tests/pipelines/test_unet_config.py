@@ -1,20 +1,29 @@
-"""The teacher UNet's layout: `attention_head_dim` is channels per head (diffusers' argument of that name counts
-heads), the shipped teacher's recipe rebuilds its exact layout, and a run started under the old meaning is not
-resumed under the new one."""
+"""The teacher's recipe: `attention_head_dim` is channels per head (diffusers' argument of that name counts heads),
+the shipped teacher's recipe rebuilds its exact layout, training captions mix in paraphrases at their rate, and a
+run started under an older recipe resumes only with that recipe."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
 from pipelines.errors import PipelineError
 from pipelines.registry import BUNDLED_MODELS_DIR
-from pipelines.training.unet import UnetConfig, build_unet, check_resumable, load_unet_config
+from pipelines.training.data import CaptionedImages
+from pipelines.training.unet import (
+    UnetConfig,
+    build_unet,
+    check_resumable,
+    load_unet_config,
+    training_captions,
+)
 
 RECIPE = Path(__file__).parents[2] / "pipelines" / "training" / "recipes" / "inhouse-shapes.json"
 
@@ -59,7 +68,8 @@ def test_a_run_started_when_the_head_size_counted_heads_resumes_only_with_that_l
                     if key != "attention_heads"}
     run = a_run_with_checkpoint(tmp_path, written_then)
     check_resumable(run, recipe)  # 32 heads per level, as it was trained
-    same_blocks = UnetConfig(down_block_types=recipe.down_block_types, up_block_types=recipe.up_block_types)
+    same_blocks = UnetConfig(down_block_types=recipe.down_block_types, up_block_types=recipe.up_block_types,
+                             paraphrase_rate=recipe.paraphrase_rate)
     with pytest.raises(PipelineError, match=r"another UNet \(attention_heads differ\)"):
         check_resumable(run, same_blocks)
 
@@ -71,3 +81,40 @@ def test_a_run_started_when_the_head_size_counted_heads_resumes_only_with_that_l
 def test_a_head_layout_that_does_not_fit_the_channels_is_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         UnetConfig(**fields)
+
+
+# --- training captions: dropout and paraphrases ----------------------------------------------------------------------
+
+
+def captions_data(n: int = 64) -> CaptionedImages:
+    return CaptionedImages(np.zeros((n, 1, 1, 3), np.uint8), [f"caption {i}" for i in range(n)],
+                           [[f"paraphrase {i}a", f"paraphrase {i}b"] for i in range(n)])
+
+
+def test_paraphrases_replace_captions_at_their_rate_and_dropout_still_applies() -> None:
+    data, index = captions_data(), np.arange(64).repeat(40)
+    picked = training_captions(data, index, UnetConfig(paraphrase_rate=0.5, caption_dropout=0.1),
+                               np.random.default_rng(0))
+    assert all(text in ("", data.captions[i], *data.paraphrases[i]) for i, text in zip(index, picked, strict=True))
+    shares = Counter("dropped" if not t else t.split()[0] for t in picked)
+    assert abs(shares["dropped"] / len(picked) - 0.1) < 0.02
+    assert abs(shares["paraphrase"] / len(picked) - 0.45) < 0.03
+    assert {t[-1] for t in picked if t.startswith("paraphrase")} == {"a", "b"}
+
+
+def test_at_rate_zero_the_captions_and_random_stream_are_those_of_the_first_teacher() -> None:
+    data, index = captions_data(), np.arange(64)
+    rng, before = np.random.default_rng(3), np.random.default_rng(3)
+    picked = training_captions(data, index, UnetConfig(paraphrase_rate=0.0), rng)
+    # What the first teacher's loop drew: one number per caption, for the dropout.
+    assert picked == ["" if before.random() < 0.1 else data.captions[i] for i in index]
+    assert rng.random() == before.random()
+
+
+def test_a_run_started_before_paraphrases_resumes_only_without_them(tmp_path: Path) -> None:
+    written_then = {key: value for key, value in json.loads(json.dumps(UnetConfig().__dict__)).items()
+                    if key != "paraphrase_rate"}
+    run = a_run_with_checkpoint(tmp_path, written_then)
+    check_resumable(run, UnetConfig(paraphrase_rate=0.0))
+    with pytest.raises(PipelineError, match=r"another UNet \(paraphrase_rate differ\)"):
+        check_resumable(run, UnetConfig())
