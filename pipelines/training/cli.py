@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from pipelines.errors import PipelineError
 from pipelines.training.common import RunConfig
+from pipelines.training.data import PARAPHRASE_RATE
 
 DEFAULTS = {
     "vae": {"steps": 3000, "batch_size": 16, "lr": 4e-4},
@@ -49,6 +50,16 @@ def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 def _check_inputs(stage: str, run_dir: Path, teacher: str = "final") -> None:
     for folder, command in NEEDS.get(stage, ()):
         folder = folder.replace("unet/final/", f"unet/{teacher}/")
@@ -81,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         if stage == "distill":
             p.add_argument("--teacher", default="final", metavar="TAG",
                            help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N")
+            p.add_argument("--paraphrase-rate", type=_rate, default=PARAPHRASE_RATE, metavar="RATE",
+                           help="share of prompts that are paraphrases of the scenes' captions, from 0 to 1 "
+                           "(default %(default)s; 0 for the shipped student's recipe)")
         if stage == "clip":
             p.add_argument("--out", type=Path, default=None,
                            help="also save the trained model here (the bundled one: eval/models/inhouse-clip)")
@@ -145,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from pipelines.training.distill import DistillConfig, distill
 
-        distill(config, DistillConfig(teacher=args.teacher))
+        distill(config, DistillConfig(teacher=args.teacher, paraphrase_rate=args.paraphrase_rate))
     return 0
 
 

@@ -21,6 +21,9 @@ _LINE_FORMAT = '{"file": "images/x.png", "caption": "..."}'
 PARAPHRASES_PER_SCENE = 2
 """Training paraphrases kept per procedural scene (a user's folder dataset has its captions only)."""
 
+PARAPHRASE_RATE = 0.5
+"""Default share of training captions that are one of the scene's paraphrases (teacher and student alike)."""
+
 
 @dataclass
 class CaptionedImages:

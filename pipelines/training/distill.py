@@ -15,7 +15,8 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
-from pipelines.training.unet import NOISE_SCHEDULE, prepare_training_data
+from pipelines.training.data import PARAPHRASE_RATE
+from pipelines.training.unet import NOISE_SCHEDULE, prepare_training_data, training_captions
 
 
 @dataclass
@@ -30,6 +31,9 @@ class DistillConfig:
     target_ema: float = 0.95
     huber_c: float = 0.001
     timestep_scaling: float = 10.0
+    paraphrase_rate: float = PARAPHRASE_RATE
+    """Share of the prompts given to teacher and student that are one of the scene's paraphrases (as the teacher
+    was trained), so the student learns the teacher on the same vocabulary. 0 uses the scenes' captions only."""
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,7 +70,7 @@ def build_student(teacher: UNet2DConditionModel, dim: int) -> UNet2DConditionMod
 def distill(run_config: RunConfig, config: DistillConfig) -> None:
     run = TrainingRun(run_config, "distill")
     run.write_config({"distill": config.__dict__})
-    latents, data, states = prepare_training_data(run)
+    latents, data, states = prepare_training_data(run, paraphrases=config.paraphrase_rate > 0)
     teacher = UNet2DConditionModel.from_pretrained(run_config.run_dir / "unet" / config.teacher / "unet-ema")
     teacher = teacher.to(run.device).eval().requires_grad_(False)
     student = build_student(teacher, config.time_cond_proj_dim)
@@ -94,7 +98,7 @@ def distill(run_config: RunConfig, config: DistillConfig) -> None:
             group["lr"] = cosine_lr(step, run_config.steps, 100, run_config.lr)
         index = rng.integers(0, len(data), run_config.batch_size)
         x0 = latents[index].to(run.device)
-        cond = states([data.captions[i] for i in index]).to(run.device)
+        cond = states(training_captions(data, index, rng, 0.0, config.paraphrase_rate)).to(run.device)
         bsz = len(index)
         n = torch.randint(0, config.ddim_timesteps, (bsz,), generator=generator).to(run.device)
         t_start = solver_timesteps[n]

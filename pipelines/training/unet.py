@@ -20,7 +20,7 @@ from diffusers.training_utils import EMAModel
 
 from pipelines.errors import PipelineError
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
-from pipelines.training.data import CaptionedImages, load_dataset
+from pipelines.training.data import PARAPHRASE_RATE, CaptionedImages, load_dataset
 from pipelines.training.scenes import SCENE_VERSION
 from pipelines.training.text import CaptionStates, load_text_encoder
 
@@ -51,7 +51,7 @@ class UnetConfig:
     diffusers' `attention_head_dim` argument counts heads, not channels, so the first teacher (inhouse-shapes)
     was trained with 32 heads of 2, 4 and 6 channels (see pipelines/training/recipes/inhouse-shapes.json)."""
     caption_dropout: float = 0.1
-    paraphrase_rate: float = 0.5
+    paraphrase_rate: float = PARAPHRASE_RATE
     """Share of (non-dropped) training captions replaced by one of the scene's paraphrases, when the data has them."""
     min_snr_gamma: float = 5.0
     ema_max_decay: float = 0.9995
@@ -170,15 +170,15 @@ def prepare_training_data(run: TrainingRun, paraphrases: bool = False
     return latents, data, states
 
 
-def training_captions(data: CaptionedImages, index: np.ndarray, config: UnetConfig,
-                      rng: np.random.Generator) -> list[str]:
-    """The batch's captions: dropped to "" at caption_dropout, else the scene's own caption or, at
-    paraphrase_rate, one of its paraphrases."""
+def training_captions(data: CaptionedImages, index: np.ndarray, rng: np.random.Generator, dropout: float,
+                      paraphrase_rate: float) -> list[str]:
+    """The batch's captions: "" at the `dropout` rate, else the image's own caption or, at `paraphrase_rate`, one of
+    its paraphrases. A rate of 0 draws no random number, so such a run repeats one made before the rate existed."""
     captions = []
     for i in index:
-        if rng.random() < config.caption_dropout:
+        if dropout and rng.random() < dropout:
             captions.append("")
-        elif data.paraphrases and config.paraphrase_rate and rng.random() < config.paraphrase_rate:
+        elif data.paraphrases and paraphrase_rate and rng.random() < paraphrase_rate:
             captions.append(data.paraphrases[i][rng.integers(len(data.paraphrases[i]))])
         else:
             captions.append(data.captions[i])
@@ -205,7 +205,7 @@ def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, run_config.steps, 500, run_config.lr)
         index = rng.integers(0, len(data), run_config.batch_size)
-        captions = training_captions(data, index, config, rng)
+        captions = training_captions(data, index, rng, config.caption_dropout, config.paraphrase_rate)
         x0 = latents[index].to(run.device)
         noise = torch.randn(x0.shape, generator=generator).to(run.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),), generator=generator)

@@ -90,11 +90,12 @@ def test_each_stage_writes_its_weights_and_config(chain: Chain) -> None:
     assert json.loads((run / "vae" / "final" / "config.json").read_text())["scaling_factor"] > 0
     config = json.loads((run / "distill" / "config.json").read_text())
     assert (config["steps"], config["batch_size"], config["dataset_size"], config["image_size"]) == (2, 2, 16, 64)
-    # The teacher trained on the scenes' captions and two paraphrases of each; the student on the captions.
+    # Teacher and student trained on the scenes' captions and two paraphrases of each.
     assert json.loads((run / "unet" / "config.json").read_text())["unet"]["paraphrase_rate"] == 0.5
+    assert config["distill"]["paraphrase_rate"] == 0.5
     caches = sorted(path.name for path in (run / "data").glob("text-*.npy"))
-    assert caches == [f"text-v{SCENE_VERSION}-n16-s0-64px-para2.npy", f"text-v{SCENE_VERSION}-n16-s0-64px.npy"]
-    assert len(np.load(run / "data" / caches[0])) > len(np.load(run / "data" / caches[1]))
+    assert caches == [f"text-v{SCENE_VERSION}-n16-s0-64px-para2.npy"]
+    assert len(np.load(run / "data" / caches[0])) > 16 * 2  # 16 captions, 32 paraphrases and "", some repeated
 
 
 @pytest.mark.slow
@@ -253,6 +254,8 @@ def test_a_missing_teacher_snapshot_is_named(tmp_path: Path, capsys, stage: str)
     ('{"channels": [1]}', "unknown keys ['channels']"),
     ("[1, 2]", "unknown keys not an object"),
     ('{"block_out_channels": [32, 64]}', "need one entry per level"),
+    ('{"attention_head_dim": 48}', "attention_head_dim 48 must divide every entry of block_out_channels"),
+    ('{"paraphrase_rate": 2}', "paraphrase_rate must be between 0 and 1, got 2"),
 ])
 def test_a_bad_unet_config_is_refused(tmp_path: Path, capsys, content: str, message: str) -> None:
     (tmp_path / "vae" / "final").mkdir(parents=True)
@@ -282,8 +285,10 @@ def test_a_data_folder_naming_a_missing_image_is_refused(tmp_path: Path, capsys)
     ["distill", "--batch-size", "0"],
     ["vae", "--time-budget", "0"],
     ["vae", "--dataset-size", "0"],
+    ["distill", "--paraphrase-rate", "1.5"],
+    ["distill", "--paraphrase-rate", "half"],
 ])
-def test_non_positive_numbers_are_refused(tmp_path: Path, capsys, argv: list[str]) -> None:
+def test_numbers_out_of_range_are_refused(tmp_path: Path, capsys, argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         train([*argv, "--run-dir", str(tmp_path)])
     assert exit_.value.code == 2

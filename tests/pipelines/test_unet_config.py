@@ -93,8 +93,7 @@ def captions_data(n: int = 64) -> CaptionedImages:
 
 def test_paraphrases_replace_captions_at_their_rate_and_dropout_still_applies() -> None:
     data, index = captions_data(), np.arange(64).repeat(40)
-    picked = training_captions(data, index, UnetConfig(paraphrase_rate=0.5, caption_dropout=0.1),
-                               np.random.default_rng(0))
+    picked = training_captions(data, index, np.random.default_rng(0), dropout=0.1, paraphrase_rate=0.5)
     assert all(text in ("", data.captions[i], *data.paraphrases[i]) for i, text in zip(index, picked, strict=True))
     shares = Counter("dropped" if not t else t.split()[0] for t in picked)
     assert abs(shares["dropped"] / len(picked) - 0.1) < 0.02
@@ -105,9 +104,12 @@ def test_paraphrases_replace_captions_at_their_rate_and_dropout_still_applies() 
 def test_at_rate_zero_the_captions_and_random_stream_are_those_of_the_first_teacher() -> None:
     data, index = captions_data(), np.arange(64)
     rng, before = np.random.default_rng(3), np.random.default_rng(3)
-    picked = training_captions(data, index, UnetConfig(paraphrase_rate=0.0), rng)
+    picked = training_captions(data, index, rng, dropout=0.1, paraphrase_rate=0.0)
     # What the first teacher's loop drew: one number per caption, for the dropout.
     assert picked == ["" if before.random() < 0.1 else data.captions[i] for i in index]
+    assert rng.random() == before.random()
+    # The shipped student's recipe: no dropout, no paraphrases, no random number at all.
+    assert training_captions(data, index, rng, dropout=0.0, paraphrase_rate=0.0) == data.captions
     assert rng.random() == before.random()
 
 
