@@ -165,7 +165,7 @@ def prepare_training_data(run: TrainingRun, paraphrases: bool = False
         captions = captions + [text for texts in data.paraphrases for text in texts]
         tag = f"{tag}-para{len(data.paraphrases[0])}"
     else:
-        data.paraphrases = []
+        data = dataclasses.replace(data, paraphrases=[])  # the captions alone, as their states are
     states = CaptionStates(captions, tokenizer, encoder, config.run_dir / "data" / f"text-{tag}.npy")
     return latents, data, states
 
