@@ -184,12 +184,12 @@ def _stale(name: str, folder: Path) -> bool:
         return False
     from pipelines.params import read_json
 
-    bundled = dict(zip(("unet", "vae"), _bundled_configs(distilled=name == INHOUSE_ARCH_LCM), strict=True))
-    for component, config in bundled.items():
-        cached = read_json(folder / component / "config.json")
-        if any(cached.get(key) != value for key, value in _architecture(config).items()):
-            return True
-    return False
+    unet_config, vae_config = _bundled_configs(distilled=name == INHOUSE_ARCH_LCM)
+    return any(
+        read_json(folder / component / "config.json").get(key) != value
+        for component, config in (("unet", unet_config), ("vae", vae_config))
+        for key, value in _architecture(config).items()
+    )
 
 
 def ensure_bench_model(name: str, root: Path | None = None) -> Path:
