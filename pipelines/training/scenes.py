@@ -7,7 +7,10 @@ ground truth (objects, colours, boxes, relations) to check generated images agai
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -384,12 +387,37 @@ def make_scene(seed: int, size: int = 128, kind: str | None = None, heldout: boo
     return image, Scene(kind, objects, relation, background, tone, caption, size, seed)
 
 
-def make_dataset(n: int, seed: int = 0, size: int = 128) -> tuple[np.ndarray, list[Scene]]:
-    """`n` scenes as a uint8 array (n, size, size, 3) and their ground truth; deterministic in `seed`."""
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
+def _render_range(start: int, stop: int, seed: int, size: int) -> tuple[np.ndarray, list[Scene]]:
+    images = np.empty((stop - start, size, size, 3), dtype=np.uint8)
     scenes = []
-    for i in range(n):
+    for i in range(start, stop):
         image, scene = make_scene(seed * 1_000_003 + i, size)
-        images[i] = np.asarray(image)
+        images[i - start] = np.asarray(image)
         scenes.append(scene)
+    return images, scenes
+
+
+def default_workers() -> int:
+    """Processes that render a dataset: the CPUs this process may use, at most 16."""
+    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def make_dataset(n: int, seed: int = 0, size: int = 128, workers: int | None = None) -> tuple[np.ndarray, list[Scene]]:
+    """`n` scenes as a uint8 array (n, size, size, 3) and their ground truth; deterministic in `seed`.
+
+    Each scene has its own seed, so `workers` processes (default: one per usable CPU) render contiguous ranges
+    and the result is the same whatever their number. Below 2,000 scenes one process renders them all."""
+    workers = default_workers() if workers is None else workers
+    if workers <= 1 or n < 2000:
+        return _render_range(0, n, seed, size)
+    bounds = np.linspace(0, n, workers * 4 + 1).astype(int)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    scenes: list[Scene] = []
+    # Spawned, not forked: the caller may hold torch's thread pools, which do not survive a fork.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = pool.map(_render_range, bounds[:-1], bounds[1:], [seed] * (len(bounds) - 1),
+                         [size] * (len(bounds) - 1))
+        for start, (chunk, chunk_scenes) in zip(bounds[:-1], parts, strict=True):
+            images[start:start + len(chunk)] = chunk
+            scenes.extend(chunk_scenes)
     return images, scenes

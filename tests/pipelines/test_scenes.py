@@ -133,6 +133,13 @@ def test_a_dataset_is_identical_in_a_fresh_process_with_another_hash_seed() -> N
     assert result.stdout.strip() == digest(*make_dataset(12, seed=3, size=64))
 
 
+def test_a_dataset_rendered_by_several_processes_is_the_one_rendered_by_one() -> None:
+    # 2,000 scenes: the smallest dataset that make_dataset splits across processes.
+    serial = make_dataset(2000, seed=5, size=32, workers=1)
+    parallel = make_dataset(2000, seed=5, size=32, workers=2)
+    assert digest(*parallel) == digest(*serial)
+
+
 def test_different_seeds_give_different_scenes(sample) -> None:
     first_fifty = sample[:50]
     assert len({image.tobytes() for image, _ in first_fifty}) == 50
