@@ -193,7 +193,7 @@ def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
     scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     unet = build_unet(config, latents.shape[1], latents.shape[-1])
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
-                   model_cls=UNet2DConditionModel, model_config=unet.config)
+                   model_cls=UNet2DConditionModel, model_config=unet.config, foreach=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=run_config.lr, weight_decay=0.01)
     unet, optimizer = run.accelerator.prepare(unet, optimizer)
     run.accelerator.register_for_checkpointing(ema)
