@@ -586,8 +586,21 @@ def weights_variant(folder: Path, dtype: torch.dtype) -> str | None:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" picks CUDA, then MPS, then the CPU; a named device must exist on this machine."""
     if device != "auto":
-        return torch.device(device)
+        try:
+            resolved = torch.device(device)
+        except RuntimeError:
+            raise InvalidParamsError(f"device {device!r} is not known: use auto, cpu, cuda or cuda:N",
+                                     param="device") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(resolved.type, True):
+            raise InvalidParamsError(f"device {device!r} is not available here (torch {torch.__version__} sees "
+                                     f"none): use auto or cpu", param="device")
+        if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InvalidParamsError(f"device {device!r} does not exist: this machine has "
+                                     f"{torch.cuda.device_count()} CUDA device(s)", param="device")
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

@@ -111,7 +111,9 @@ def main(argv: list[str], out: Path) -> int:
     args = parser.parse_args(argv)
 
     from image_gen.bench.pipeline import build_registry, resolve_model
+    from pipelines.text2image import resolve_device
 
+    resolve_device(args.device)  # a device this machine lacks fails here, not in every cell of the report
     registry = build_registry("cpu", "float32", "sdpa")
     info = resolve_model(args.model, registry)
     cuda = args.device.startswith("cuda")

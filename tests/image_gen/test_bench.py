@@ -67,6 +67,18 @@ def test_unknown_variant_names_the_known_ones() -> None:
         pipeline.variant_options("channels_first")
 
 
+@pytest.mark.parametrize("name", ["pipeline", "limit", "attention", "distill", "serving"])
+def test_a_device_this_machine_lacks_is_a_one_line_error_and_no_report(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from image_gen.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["bench", name, "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "device 'cuda' is not available here" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.md"))
+
+
 def test_limit_benchmark_reports_a_fraction_of_the_matmul_peak(tmp_path: Path) -> None:
     argv = ["--model", "tiny-sd", "--batch", "2", "--steps", "1", "--repeats", "1", "--variants", "default"]
     assert limit.main(argv, tmp_path) == 0

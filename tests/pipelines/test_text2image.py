@@ -13,7 +13,7 @@ from pipelines.attention import set_vae_tiling
 from pipelines.errors import GenerationCanceled, InvalidParamsError
 from pipelines.params import GenerationParams
 from pipelines.schedulers import make_scheduler
-from pipelines.text2image import StepEvent, Text2ImagePipeline
+from pipelines.text2image import StepEvent, Text2ImagePipeline, resolve_device
 
 SIZE = 32
 STEPS = 3
@@ -302,3 +302,17 @@ def test_unknown_load_options_name_the_known_ones(tiny_sd_model: Path, option: s
     with pytest.raises(InvalidParamsError, match=r"use one of|use auto") as error:
         Text2ImagePipeline.from_pretrained(tiny_sd_model, device="cpu", **{option: value})
     assert error.value.param == option
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu9", "is not known: use auto, cpu, cuda"), ("cuda", "is not available here"), ("cuda:7", "not available")],
+)
+def test_a_device_this_machine_lacks_is_refused_by_name(
+    device: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InvalidParamsError, match=message) as error:
+        resolve_device(device)
+    assert error.value.param == "device"
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type == "cpu"
