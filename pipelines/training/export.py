@@ -22,7 +22,10 @@ STUDENT_NAME = "inhouse-shapes-lcm"
 
 
 SPEED = {"scheduler": "lcm", "steps": 4, "guidance_scale": 3.0}
-QUALITY = {"scheduler": "dpmpp_2m", "steps": 25, "guidance_scale": 4.0}
+QUALITY = {"scheduler": "euler_a", "steps": 25, "guidance_scale": 4.0}
+"""The teacher's sampler: Euler ancestral, whose fresh noise at each step corrects the layout an undertrained UNet
+starts to draw. On the 80-prompt curve set the shipped teacher counts 25% right with it against 5% with DPM++ 2M,
+UniPC, Heun or Euler (docs/model-card.md, "Choosing the teacher's sampler")."""
 
 
 def _manifest(native: int, label: str, description: str, distilled: bool, partner: str | None) -> dict:
