@@ -316,3 +316,11 @@ def test_a_device_this_machine_lacks_is_refused_by_name(
         resolve_device(device)
     assert error.value.param == "device"
     assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type == "cpu"
+
+
+def test_a_cuda_index_past_the_machines_devices_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InvalidParamsError, match="'cuda:2' does not exist: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
