@@ -13,14 +13,13 @@ from storage.queue import JobQueue
 
 
 def check_device(device: str) -> None:
-    import torch
+    from pipelines.errors import InvalidParamsError
+    from pipelines.text2image import resolve_device
 
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if device != "auto" and not available[device]:
-        usable = ", ".join(["auto", *(name for name, ok in available.items() if ok)])
-        raise ImageGenError(
-            f"device {device!r} is not available on this machine: use {usable}", param="device"
-        )
+    try:
+        resolve_device(device)
+    except InvalidParamsError as error:
+        raise ImageGenError(str(error), param="device") from None
 
 
 def model_folders(settings: Settings) -> list[Path]:

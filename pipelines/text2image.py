@@ -595,8 +595,9 @@ def resolve_device(device: str) -> torch.device:
                                      param="device") from None
         available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
         if not available.get(resolved.type, True):
-            raise InvalidParamsError(f"device {device!r} is not available here (torch {torch.__version__} sees "
-                                     f"none): use auto or cpu", param="device")
+            usable = ", ".join(["auto", *(name for name, ok in available.items() if ok)])
+            raise InvalidParamsError(f"device {device!r} is not available on this machine: use {usable}",
+                                     param="device")
         if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise InvalidParamsError(f"device {device!r} does not exist: this machine has "
                                      f"{torch.cuda.device_count()} CUDA device(s)", param="device")

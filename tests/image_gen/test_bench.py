@@ -75,7 +75,7 @@ def test_a_device_this_machine_lacks_is_a_one_line_error_and_no_report(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", name, "--out", str(tmp_path), "--device", "cuda"]) == 2
-    assert "device 'cuda' is not available here" in capsys.readouterr().err
+    assert "device 'cuda' is not available on this machine" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.md"))
 
 

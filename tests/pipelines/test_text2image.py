@@ -306,7 +306,7 @@ def test_unknown_load_options_name_the_known_ones(tiny_sd_model: Path, option: s
 
 @pytest.mark.parametrize(
     ("device", "message"),
-    [("tpu9", "is not known: use auto, cpu, cuda"), ("cuda", "is not available here"), ("cuda:7", "not available")],
+    [("tpu9", "is not known: use auto, cpu, cuda"), ("cuda", "is not available on this machine"), ("cuda:7", "not available")],
 )
 def test_a_device_this_machine_lacks_is_refused_by_name(
     device: str, message: str, monkeypatch: pytest.MonkeyPatch
