@@ -48,8 +48,8 @@ class UnetConfig:
     """Channels per attention head: 2, 4 and 6 heads at 64, 128 and 192 channels."""
     attention_heads: tuple[int, ...] | None = None
     """Heads per level; None derives them from attention_head_dim. Set it only to rebuild an older layout:
-    diffusers' `attention_head_dim` argument counts heads, not channels, so the first teacher (inhouse-shapes)
-    was trained with 32 heads of 2, 4 and 6 channels (see pipelines/training/recipes/inhouse-shapes.json)."""
+    diffusers' `attention_head_dim` argument counts heads, not channels, so the first teacher shipped as
+    inhouse-shapes was trained with 32 heads of 2, 4 and 6 channels (pipelines/training/recipes/inhouse-shapes-v1.json)."""
     caption_dropout: float = 0.1
     paraphrase_rate: float = PARAPHRASE_RATE
     """Share of (non-dropped) training captions replaced by one of the scene's paraphrases, when the data has them."""

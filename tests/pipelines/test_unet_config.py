@@ -1,6 +1,6 @@
 """The teacher's recipe: `attention_head_dim` is channels per head (diffusers' argument of that name counts heads),
-the shipped teacher's recipe rebuilds its exact layout, training captions mix in paraphrases at their rate, and a
-run started under an older recipe resumes only with that recipe."""
+the shipped teacher's recipe rebuilds its exact layout and is the defaults, training captions mix in paraphrases at
+their rate, and a run started under an older recipe resumes only with that recipe."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from pipelines.training.unet import (
     training_captions,
 )
 
-RECIPE = Path(__file__).parents[2] / "pipelines" / "training" / "recipes" / "inhouse-shapes.json"
+RECIPES = Path(__file__).parents[2] / "pipelines" / "training" / "recipes"
+RECIPE = RECIPES / "inhouse-shapes.json"
+FIRST_RECIPE = RECIPES / "inhouse-shapes-v1.json"  # the first teacher shipped, trained when heads were miscounted
 
 
 def heads_by_width(unet: UNet2DConditionModel) -> dict[int, set[tuple[int, int]]]:
@@ -48,10 +50,19 @@ def test_attention_head_dim_is_channels_per_head() -> None:
 def test_the_shipped_teachers_recipe_rebuilds_its_layout() -> None:
     shipped = UNet2DConditionModel.from_config(
         UNet2DConditionModel.load_config(BUNDLED_MODELS_DIR / "inhouse-shapes" / "unet"))
-    rebuilt = build_unet(load_unet_config(RECIPE), latent_channels=16, sample_size=16)
-    assert heads_by_width(rebuilt) == heads_by_width(shipped) == {128: {(32, 4)}, 192: {(32, 6)}}
+    recipe = load_unet_config(RECIPE)
+    rebuilt = build_unet(recipe, latent_channels=16, sample_size=16)
+    assert heads_by_width(rebuilt) == heads_by_width(shipped) == {64: {(2, 32)}, 128: {(4, 32)}, 192: {(6, 32)}}
     assert {name: tensor.shape for name, tensor in rebuilt.state_dict().items()} == {
         name: tensor.shape for name, tensor in shipped.state_dict().items()}
+    # The defaults of `image-gen train unet` are the shipped recipe, paraphrases included.
+    assert recipe == UnetConfig()
+
+
+def test_the_first_teachers_recipe_keeps_its_32_heads_at_two_levels() -> None:
+    first = build_unet(load_unet_config(FIRST_RECIPE), latent_channels=16, sample_size=16)
+    assert heads_by_width(first) == {128: {(32, 4)}, 192: {(32, 6)}}
+    assert load_unet_config(FIRST_RECIPE).paraphrase_rate == 0.0
 
 
 def a_run_with_checkpoint(tmp_path: Path, unet: dict) -> SimpleNamespace:
@@ -62,7 +73,7 @@ def a_run_with_checkpoint(tmp_path: Path, unet: dict) -> SimpleNamespace:
 
 
 def test_a_run_started_when_the_head_size_counted_heads_resumes_only_with_that_layout(tmp_path: Path) -> None:
-    recipe = load_unet_config(RECIPE)
+    recipe = load_unet_config(FIRST_RECIPE)
     # What the first teacher's run wrote: the shipped block types, attention_head_dim 32, no attention_heads.
     written_then = {key: value for key, value in json.loads(json.dumps(recipe.__dict__)).items()
                     if key != "attention_heads"}
