@@ -60,9 +60,9 @@ def test_the_shipped_teachers_recipe_rebuilds_its_layout() -> None:
 
 
 def test_the_first_teachers_recipe_keeps_its_32_heads_at_two_levels() -> None:
-    first = build_unet(load_unet_config(FIRST_RECIPE), latent_channels=16, sample_size=16)
-    assert heads_by_width(first) == {128: {(32, 4)}, 192: {(32, 6)}}
-    assert load_unet_config(FIRST_RECIPE).paraphrase_rate == 0.0
+    recipe = load_unet_config(FIRST_RECIPE)
+    assert heads_by_width(build_unet(recipe, latent_channels=16, sample_size=16)) == {128: {(32, 4)}, 192: {(32, 6)}}
+    assert recipe.paraphrase_rate == 0.0
 
 
 def a_run_with_checkpoint(tmp_path: Path, unet: dict) -> SimpleNamespace:
