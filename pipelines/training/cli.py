@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--time-budget", type=_positive(float), default=None, metavar="MINUTES",
                        help="stop (with a checkpoint) after this many minutes; rerun to resume")
+        p.add_argument("--stop-at", type=_positive(int), default=None, metavar="STEP",
+                       help="stop (with a checkpoint) at this step while the learning-rate schedule still runs to "
+                       "--steps; rerun with another --steps or --stop-at to go on")
         p.add_argument("--checkpoint-every", type=_positive(int), default=250)
         p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
         p.add_argument("--data", default="procedural", help='"procedural" or a folder with captions.jsonl')
@@ -113,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if getattr(args, "stop_at", None) is not None and args.stop_at > args.steps:
+        parser.error(f"argument --stop-at: {args.stop_at} is past --steps {args.steps}, where every run ends")
     try:
         _check_inputs(args.stage, args.run_dir, getattr(args, "teacher", "final"))
         return _run(args)
@@ -140,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     config = RunConfig(
         run_dir=args.run_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        time_budget_s=None if args.time_budget is None else args.time_budget * 60,
+        time_budget_s=None if args.time_budget is None else args.time_budget * 60, stop_at=args.stop_at,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, data=args.data,
         dataset_size=args.dataset_size, image_size=args.image_size,
     )

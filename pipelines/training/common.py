@@ -24,6 +24,9 @@ class RunConfig:
     lr: float
     seed: int = 0
     time_budget_s: float | None = None
+    stop_at: int | None = None
+    """Stop (with a checkpoint) once this step is reached while the learning rate still follows `steps`: a run
+    resumed in several legs with different totals is retraced exactly with one command per leg."""
     checkpoint_every: int = 250
     log_every: int = 25
     mixed_precision: str = "no"
@@ -99,10 +102,12 @@ class TrainingRun:
                     disable=not self.accelerator.is_local_main_process, mininterval=5)
 
     def loop(self):
-        """Yield step numbers until `steps` or the time budget is reached; checkpoint on the way and at the end."""
+        """Yield step numbers until `steps`, `stop_at` or the time budget is reached; checkpoint on the way and at
+        the end."""
+        end = min(self.config.steps, self.config.stop_at or self.config.steps)
         bar = self.progress_bar()
         try:
-            while self.step < self.config.steps and not self.out_of_budget():
+            while self.step < end and not self.out_of_budget():
                 yield self.step
                 self.step += 1
                 bar.update(1)

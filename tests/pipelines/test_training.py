@@ -21,6 +21,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from pipelines.training.cli import main as train
+from pipelines.training.common import RunConfig, TrainingRun
 from pipelines.training.distill import DistillConfig
 from pipelines.training.export import STUDENT_NAME, TEACHER_NAME
 from pipelines.training.scenes import SCENE_VERSION
@@ -221,6 +222,17 @@ def test_a_time_budget_stops_early_with_a_checkpoint(tmp_path: Path) -> None:
     assert (tmp_path / "vae" / "checkpoint" / "model.safetensors").is_file()
 
 
+def test_stop_at_ends_a_leg_with_a_checkpoint_and_the_next_leg_resumes_there(tmp_path: Path) -> None:
+    def leg(stop_at: int | None) -> list[int]:
+        run = TrainingRun(RunConfig(run_dir=tmp_path, steps=10, batch_size=1, lr=1e-3, stop_at=stop_at), "leg")
+        run.resume()
+        return list(run.loop())
+
+    assert leg(stop_at=4) == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "leg" / "checkpoint" / "progress.json").read_text())["step"] == 4
+    assert leg(stop_at=None) == [4, 5, 6, 7, 8, 9]
+
+
 # --- bad input: one line, exit code 2 ---------------------------------------------------------------------------
 
 
@@ -284,6 +296,8 @@ def test_a_data_folder_naming_a_missing_image_is_refused(tmp_path: Path, capsys)
     ["vae", "--steps", "many"],
     ["distill", "--batch-size", "0"],
     ["vae", "--time-budget", "0"],
+    ["vae", "--stop-at", "0"],
+    ["vae", "--stop-at", "11", "--steps", "10"],
     ["vae", "--dataset-size", "0"],
     ["distill", "--paraphrase-rate", "1.5"],
     ["distill", "--paraphrase-rate", "half"],
