@@ -60,7 +60,10 @@ def _rate(text: str) -> float:
     return value
 
 
-def _check_inputs(stage: str, run_dir: Path, teacher: str = "final") -> None:
+def _check_inputs(stage: str, run_dir: Path, teacher: str = "final", init_from: Path | None = None) -> None:
+    if init_from is not None and not (init_from / "config.json").is_file():
+        raise PipelineError(f"--init-from {init_from}: no config.json there: give a diffusers UNet folder such as "
+                            "runs/inhouse/unet/final/unet-ema or pipelines/models/inhouse-shapes/unet")
     for folder, command in NEEDS.get(stage, ()):
         folder = folder.replace("unet/final/", f"unet/{teacher}/")
         if not (run_dir / folder / "config.json").is_file():
@@ -92,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--unet-config", type=Path, metavar="FILE",
                            help="JSON of UNet fields to change, e.g. a larger one for a GPU: "
                            '{"block_out_channels": [128, 256, 384], "layers_per_block": 2}')
+            p.add_argument("--init-from", type=Path, metavar="DIR",
+                           help="start from these UNet weights (a diffusers folder such as runs/X/unet/final/unet-ema "
+                           "or a model's unet/) instead of random ones: fine-tune with another recipe")
+            p.add_argument("--snapshot-every", type=_positive(int), default=2000, metavar="STEPS",
+                           help="keep the raw and EMA weights every this many steps as unet/step-N (default 2000)")
         if stage == "distill":
             p.add_argument("--teacher", default="final", metavar="TAG",
                            help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N")
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "stop_at", None) is not None and args.stop_at > args.steps:
         parser.error(f"argument --stop-at: {args.stop_at} is past --steps {args.steps}, where every run ends")
     try:
-        _check_inputs(args.stage, args.run_dir, getattr(args, "teacher", "final"))
+        _check_inputs(args.stage, args.run_dir, getattr(args, "teacher", "final"), getattr(args, "init_from", None))
         return _run(args)
     except PipelineError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
@@ -148,6 +156,7 @@ def _run(args: argparse.Namespace) -> int:
         time_budget_s=None if args.time_budget is None else args.time_budget * 60, stop_at=args.stop_at,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, data=args.data,
         dataset_size=args.dataset_size, image_size=args.image_size,
+        snapshot_every=getattr(args, "snapshot_every", 2000),
     )
     if args.stage == "vae":
         from pipelines.training.vae import VaeConfig, train_vae
@@ -156,7 +165,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.stage == "unet":
         from pipelines.training.unet import UnetConfig, load_unet_config, train_unet
 
-        train_unet(config, load_unet_config(args.unet_config) if args.unet_config else UnetConfig())
+        unet_config = load_unet_config(args.unet_config) if args.unet_config else UnetConfig()
+        train_unet(config, unet_config, init_from=args.init_from)
     elif args.stage == "clip":
         from pipelines.training.clip import train_clip
 

@@ -28,6 +28,8 @@ class RunConfig:
     """Stop (with a checkpoint) once this step is reached while the learning rate still follows `steps`: a run
     resumed in several legs with different totals is retraced exactly with one command per leg."""
     checkpoint_every: int = 250
+    snapshot_every: int = 2000
+    """The teacher's raw and EMA weights are kept every this many steps (unet/step-N), to measure its progress."""
     log_every: int = 25
     mixed_precision: str = "no"
     data: str = "procedural"

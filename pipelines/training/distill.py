@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from pipelines.training.common import RunConfig, TrainingRun, cosine_lr
 from pipelines.training.data import PARAPHRASE_RATE
-from pipelines.training.unet import NOISE_SCHEDULE, prepare_training_data, training_captions
+from pipelines.training.unet import prepare_training_data, run_noise_schedule, training_captions
 
 
 @dataclass
@@ -81,7 +81,7 @@ def distill(run_config: RunConfig, config: DistillConfig) -> None:
     run.accelerator.register_for_checkpointing(target)
     run.resume()
 
-    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    scheduler = DDPMScheduler(**run_noise_schedule(run_config.run_dir))  # the teacher's
     alphas_cumprod = scheduler.alphas_cumprod.to(run.device)
     alpha_of, sigma_of = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     skip = scheduler.config.num_train_timesteps // config.ddim_timesteps

@@ -15,7 +15,7 @@ from diffusers import (
 )
 
 from pipelines.training.text import install_text_encoder, load_text_encoder
-from pipelines.training.unet import NOISE_SCHEDULE
+from pipelines.training.unet import NOISE_SCHEDULE, run_noise_schedule
 
 TEACHER_NAME = "inhouse-shapes"
 STUDENT_NAME = "inhouse-shapes-lcm"
@@ -54,10 +54,11 @@ def _manifest(native: int, label: str, description: str, distilled: bool, partne
 
 
 def write_model_folder(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, distilled: bool,
-                       description: str, partner: str | None = None) -> Path:
-    """A folder stock `StableDiffusionPipeline.from_pretrained` loads; weights in fp16 safetensors."""
+                       description: str, partner: str | None = None, schedule: dict | None = None) -> Path:
+    """A folder stock `StableDiffusionPipeline.from_pretrained` loads; weights in fp16 safetensors. `schedule` is
+    the noise schedule the UNet was trained on (Stable Diffusion's by default)."""
     tokenizer, encoder = load_text_encoder()
-    scheduler = (LCMScheduler if distilled else DDIMScheduler)(**NOISE_SCHEDULE)
+    scheduler = (LCMScheduler if distilled else DDIMScheduler)(**(schedule or NOISE_SCHEDULE))
     pipe = StableDiffusionPipeline(vae=vae.to(torch.float16), text_encoder=encoder, tokenizer=tokenizer,
                                    unet=unet.to(torch.float16), scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -73,17 +74,18 @@ def write_model_folder(out: Path, unet: UNet2DConditionModel, vae: AutoencoderKL
 def export_models(run_dir: Path, out: Path, teacher_tag: str = "final") -> list[Path]:
     """Write the teacher (EMA weights) and, when distilled, the student into `out`."""
     vae = AutoencoderKL.from_pretrained(run_dir / "vae" / "final")
+    schedule = run_noise_schedule(run_dir)
     student = run_dir / "distill" / "final" / "unet"
     written = [write_model_folder(
         out / TEACHER_NAME, UNet2DConditionModel.from_pretrained(run_dir / "unet" / teacher_tag / "unet-ema"), vae,
         distilled=False, description="In-house teacher trained from scratch on procedural captioned shapes.",
-        partner=STUDENT_NAME if student.exists() else None,
+        partner=STUDENT_NAME if student.exists() else None, schedule=schedule,
     )]
     if student.exists():
         written.append(write_model_folder(
             out / STUDENT_NAME, UNet2DConditionModel.from_pretrained(student),
             AutoencoderKL.from_pretrained(run_dir / "vae" / "final"), distilled=True,
             description="LCM-distilled student of inhouse-shapes: 4 steps, no unconditional pass.",
-            partner=TEACHER_NAME,
+            partner=TEACHER_NAME, schedule=schedule,
         ))
     return written

@@ -1,7 +1,9 @@
 """Train the text-conditioned UNet in the in-house VAE's latent space (the teacher).
 
 v-prediction with min-SNR-5 loss weighting, 10% caption dropout for classifier-free guidance, and EMA weights
-with a warm-up so early weights do not linger in the shipped model.
+with a warm-up so early weights do not linger in the shipped model. Optionally the noise schedule is rescaled to
+zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so that the
+last training step sees pure noise, as sampling does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,27 @@ NOISE_SCHEDULE = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
+"""Stable Diffusion's noise schedule. Its last step keeps sqrt(alpha_bar) = 0.068 of the image: on a 16x16 latent a
+whole object shows through that noise, so a model learns to find the layout there, and sampling, which starts from
+pure noise, takes the layout from chance blobs in it."""
+
+LOSS_WEIGHTINGS = ("min_snr", "min_snr_v")
+
+
+def noise_schedule(zero_terminal_snr: bool) -> dict:
+    """The training and sampling noise schedule: Stable Diffusion's, or rescaled so its last step is pure noise
+    (then sampled with trailing timesteps, which start at that step)."""
+    if not zero_terminal_snr:
+        return dict(NOISE_SCHEDULE)
+    return {**NOISE_SCHEDULE, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+def run_noise_schedule(run_dir: Path) -> dict:
+    """The noise schedule a run's teacher was trained with (runs from before the choice existed used SD's)."""
+    saved = Path(run_dir) / "unet" / "config.json"
+    if saved.exists():
+        return json.loads(saved.read_text()).get("noise_schedule", dict(NOISE_SCHEDULE))
+    return dict(NOISE_SCHEDULE)
 
 
 @dataclass
@@ -54,6 +77,14 @@ class UnetConfig:
     paraphrase_rate: float = PARAPHRASE_RATE
     """Share of (non-dropped) training captions replaced by one of the scene's paraphrases, when the data has them."""
     min_snr_gamma: float = 5.0
+    loss_weighting: str = "min_snr"
+    """How the v-prediction loss of each timestep is weighted, in terms of the weight w the image (x0) error gets:
+    "min_snr", w = min(SNR, gamma) (Hang et al. 2023): noisy steps, where the layout is decided, get almost none
+    (0.005 at SD's last step, 0 at a zero-SNR one); "min_snr_v", w = min(SNR + 1, gamma), as diffusers' training
+    scripts weight v-prediction: at least 1 at every step."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule so its last step is pure noise (see `noise_schedule`); needs v-prediction and a
+    loss weighting that trains that step ("min_snr_v")."""
     ema_max_decay: float = 0.9995
 
     def __post_init__(self) -> None:
@@ -64,6 +95,11 @@ class UnetConfig:
             self.attention_heads = tuple(channels // self.attention_head_dim for channels in self.block_out_channels)
         elif len(self.attention_heads) != len(self.block_out_channels):
             raise ValueError("attention_heads needs one entry per level of block_out_channels")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting {self.loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
+        if self.zero_terminal_snr and self.loss_weighting == "min_snr":
+            raise ValueError('zero_terminal_snr needs loss_weighting "min_snr_v": "min_snr" gives the pure-noise '
+                             "step no weight at all")
         for name in ("caption_dropout", "paraphrase_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
@@ -101,6 +137,8 @@ def check_resumable(run: TrainingRun, config: UnetConfig) -> None:
         before["attention_heads"] = [before["attention_head_dim"]] * len(before.get("block_out_channels", ()))
     if before:
         before.setdefault("paraphrase_rate", 0.0)  # written before paraphrases: the scenes' own captions only
+        before.setdefault("loss_weighting", "min_snr")  # written before the choice: the only weighting then
+        before.setdefault("zero_terminal_snr", False)
     now = json.loads(json.dumps(config.__dict__))
     changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
     if changed:
@@ -140,11 +178,33 @@ def encode_latents(vae: AutoencoderKL, data: CaptionedImages, cache: Path, batch
     return latents
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights for a v-prediction loss: min(SNR, gamma) / (SNR + 1)."""
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float,
+                    weighting: str = "min_snr") -> torch.Tensor:
+    """Weights for a v-prediction loss: min(SNR, gamma) / (SNR + 1) ("min_snr"), or min(SNR + 1, gamma) / (SNR + 1)
+    ("min_snr_v"). The v error is the x0 error times SNR + 1, so these weight the x0 error by min(SNR, gamma) and
+    min(SNR + 1, gamma)."""
     alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    return torch.clamp(snr, max=gamma) / (snr + 1)
+    floor = 1.0 if weighting == "min_snr_v" else 0.0
+    return torch.clamp(snr + floor, max=gamma) / (snr + 1)
+
+
+def load_initial_weights(unet: UNet2DConditionModel, folder: Path) -> None:
+    """Start from another run's or a model folder's UNet weights (fine-tuning); the layouts must match."""
+    try:
+        source = UNet2DConditionModel.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"--init-from {folder}: not a diffusers UNet folder: {error}") from None
+    if list(source.config.block_out_channels) != list(unet.config.block_out_channels):
+        raise PipelineError(f"--init-from {folder}: a UNet of channels {list(source.config.block_out_channels)}, "
+                            f"this run's is {list(unet.config.block_out_channels)}: use the same --unet-config")
+    wanted = {name: tuple(value.shape) for name, value in unet.state_dict().items()}
+    given = {name: tuple(value.shape) for name, value in source.state_dict().items()}
+    if wanted != given:
+        differ = sorted(name for name in set(wanted) | set(given) if wanted.get(name) != given.get(name))
+        raise PipelineError(f"--init-from {folder}: its layout differs from this run's UNet ({len(differ)} weights "
+                            f"differ, e.g. {differ[0]}): use the --unet-config it was trained with")
+    unet.load_state_dict(source.state_dict())
 
 
 def prepare_training_data(run: TrainingRun, paraphrases: bool = False
@@ -185,13 +245,22 @@ def training_captions(data: CaptionedImages, index: np.ndarray, rng: np.random.G
     return captions
 
 
-def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
+def train_unet(run_config: RunConfig, config: UnetConfig, init_from: Path | None = None) -> None:
+    """Train (or resume) the teacher; `init_from`, a diffusers UNet folder, gives a fresh run its first weights."""
     run = TrainingRun(run_config, "unet")
     check_resumable(run, config)
-    run.write_config({"unet": config.__dict__, "noise_schedule": NOISE_SCHEDULE})
+    schedule = noise_schedule(config.zero_terminal_snr)
+    saved = run.dir / "config.json"
+    if init_from is None and saved.exists():  # a resumed fine-tune keeps the record of where it started
+        init_from = json.loads(saved.read_text()).get("init_from")
+        init_from = Path(init_from) if init_from else None
+    extra = {"init_from": str(init_from)} if init_from else {}
+    run.write_config({"unet": config.__dict__, "noise_schedule": schedule, **extra})
     latents, data, states = prepare_training_data(run, paraphrases=config.paraphrase_rate > 0)
-    scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    scheduler = DDPMScheduler(**schedule)
     unet = build_unet(config, latents.shape[1], latents.shape[-1])
+    if init_from is not None:
+        load_initial_weights(unet, init_from)
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
                    model_cls=UNet2DConditionModel, model_config=unet.config, foreach=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=run_config.lr, weight_decay=0.01)
@@ -214,7 +283,8 @@ def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
         target = scheduler.get_velocity(x0, noise, timesteps)
         prediction = unet(noisy, timesteps, states(captions).to(run.device)).sample
         per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weights(scheduler, timesteps, config.min_snr_gamma)).mean()
+        weights = min_snr_weights(scheduler, timesteps, config.min_snr_gamma, config.loss_weighting)
+        loss = (per_sample * weights).mean()
         run.accelerator.backward(loss)
         run.accelerator.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
@@ -223,7 +293,7 @@ def train_unet(run_config: RunConfig, config: UnetConfig) -> None:
         if step % run_config.log_every == 0:
             run.log({"loss": loss.item(), "mse": per_sample.mean().item(), "lr": optimizer.param_groups[0]["lr"],
                      "ema_decay": ema.cur_decay_value})
-        if (step + 1) % 2000 == 0 and run.accelerator.is_main_process:
+        if (step + 1) % run_config.snapshot_every == 0 and run.accelerator.is_main_process:
             save_unet(run, unet, ema, f"step-{step + 1}")
     if run.accelerator.is_main_process:
         save_unet(run, unet, ema, "final")

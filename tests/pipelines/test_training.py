@@ -214,6 +214,46 @@ def test_resuming_a_checkpoint_with_another_unet_config_is_refused(chain: Chain,
 
 
 @pytest.mark.slow
+def test_a_zero_snr_fine_tune_starts_from_given_weights_and_its_export_samples_from_pure_noise(
+        chain: Chain, tmp_path: Path) -> None:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    run, init = tmp_path / "run", chain.run_dir / "unet" / "final" / "unet-ema"
+    shutil.copytree(chain.run_dir / "vae", run / "vae")
+    (tmp_path / "unet.json").write_text(json.dumps({"zero_terminal_snr": True, "loss_weighting": "min_snr_v"}))
+    code, _ = run_quietly(["unet", "--steps", "2", "--run-dir", str(run), "--unet-config", str(tmp_path / "unet.json"),
+                           "--init-from", str(init), "--snapshot-every", "1", *TINY])
+    assert code == 0
+    config = json.loads((run / "unet" / "config.json").read_text())
+    assert config["init_from"] == str(init) and config["noise_schedule"]["rescale_betas_zero_snr"] is True
+    assert sorted(path.name for path in (run / "unet").glob("step-*")) == ["step-1", "step-2"]
+    # Two steps in the learning rate's warm-up (at most 1.2e-6) move no weight far from where it started.
+    start = UNet2DConditionModel.from_pretrained(init).state_dict()
+    trained = UNet2DConditionModel.from_pretrained(run / "unet" / "final" / "unet-raw").state_dict()
+    assert max((trained[name] - start[name]).abs().max().item() for name in start) < 1e-4
+    # The student is distilled on the teacher's schedule, and both folders sample on it.
+    assert run_quietly(["distill", "--steps", "1", "--run-dir", str(run), *TINY])[0] == 0
+    assert run_quietly(["export", "--run-dir", str(run), "--out", str(tmp_path / "models")])[0] == 0
+    for name in (TEACHER_NAME, STUDENT_NAME):
+        scheduler = json.loads((tmp_path / "models" / name / "scheduler" / "scheduler_config.json").read_text())
+        assert (scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == (True, "trailing")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "models" / TEACHER_NAME)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert np.isfinite(images).all() and images.std() > 0
+
+
+def test_init_from_a_folder_without_a_unet_is_refused(tmp_path: Path, capsys) -> None:
+    (tmp_path / "vae" / "final").mkdir(parents=True)
+    (tmp_path / "vae" / "final" / "config.json").write_text("{}")
+    assert train(["unet", "--run-dir", str(tmp_path), "--init-from", str(tmp_path / "nowhere")]) == 2
+    assert f"--init-from {tmp_path / 'nowhere'}: no config.json there" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "unet").exists()
+
+
+@pytest.mark.slow
 def test_a_time_budget_stops_early_with_a_checkpoint(tmp_path: Path) -> None:
     code, _ = run_quietly(["vae", "--steps", "100000", "--time-budget", "0.02", "--run-dir", str(tmp_path), *TINY])
     assert code == 0
@@ -268,6 +308,7 @@ def test_a_missing_teacher_snapshot_is_named(tmp_path: Path, capsys, stage: str)
     ('{"block_out_channels": [32, 64]}', "need one entry per level"),
     ('{"attention_head_dim": 48}', "attention_head_dim 48 must divide every entry of block_out_channels"),
     ('{"paraphrase_rate": 2}', "paraphrase_rate must be between 0 and 1, got 2"),
+    ('{"zero_terminal_snr": true}', 'zero_terminal_snr needs loss_weighting "min_snr_v"'),
 ])
 def test_a_bad_unet_config_is_refused(tmp_path: Path, capsys, content: str, message: str) -> None:
     (tmp_path / "vae" / "final").mkdir(parents=True)
@@ -299,6 +340,7 @@ def test_a_data_folder_naming_a_missing_image_is_refused(tmp_path: Path, capsys)
     ["vae", "--stop-at", "0"],
     ["vae", "--stop-at", "11", "--steps", "10"],
     ["vae", "--dataset-size", "0"],
+    ["unet", "--snapshot-every", "0"],
     ["distill", "--paraphrase-rate", "1.5"],
     ["distill", "--paraphrase-rate", "half"],
 ])

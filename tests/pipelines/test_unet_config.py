@@ -131,3 +131,12 @@ def test_a_run_started_before_paraphrases_resumes_only_without_them(tmp_path: Pa
     check_resumable(run, UnetConfig(paraphrase_rate=0.0))
     with pytest.raises(PipelineError, match=r"another UNet \(paraphrase_rate differ\)"):
         check_resumable(run, UnetConfig())
+
+
+def test_a_run_started_before_the_schedule_choice_resumes_only_on_sds_schedule(tmp_path: Path) -> None:
+    written_then = {key: value for key, value in json.loads(json.dumps(UnetConfig().__dict__)).items()
+                    if key not in ("loss_weighting", "zero_terminal_snr")}
+    run = a_run_with_checkpoint(tmp_path, written_then)
+    check_resumable(run, UnetConfig())
+    with pytest.raises(PipelineError, match=r"another UNet \(loss_weighting, zero_terminal_snr differ\)"):
+        check_resumable(run, UnetConfig(loss_weighting="min_snr_v", zero_terminal_snr=True))
