@@ -2,7 +2,7 @@
 
 v-prediction with min-SNR-5 loss weighting, 10% caption dropout for classifier-free guidance, and EMA weights
 with a warm-up so early weights do not linger in the shipped model. Optionally the noise schedule is rescaled to
-zero terminal SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so that the
+zero terminal SNR (Lin et al., WACV 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"), so that the
 last training step sees pure noise, as sampling does.
 """
 
