@@ -36,9 +36,8 @@ NOISE_SCHEDULE = {
     "steps_offset": 1,
     "timestep_spacing": "leading",
 }
-"""Stable Diffusion's noise schedule. Its last step keeps sqrt(alpha_bar) = 0.068 of the image: on a 16x16 latent a
-whole object shows through that noise, so a model learns to find the layout there, and sampling, which starts from
-pure noise, takes the layout from chance blobs in it."""
+"""Stable Diffusion's noise schedule. Its last step keeps sqrt(alpha_bar) = 0.068 of the image (on a 16x16 latent a
+whole object shows through that noise), so training never shows the model the pure noise that sampling starts from."""
 
 LOSS_WEIGHTINGS = ("min_snr", "min_snr_v")
 
@@ -259,7 +258,7 @@ def train_unet(run_config: RunConfig, config: UnetConfig, init_from: Path | None
     latents, data, states = prepare_training_data(run, paraphrases=config.paraphrase_rate > 0)
     scheduler = DDPMScheduler(**schedule)
     unet = build_unet(config, latents.shape[1], latents.shape[-1])
-    if init_from is not None:
+    if init_from is not None and not (run.checkpoint_dir / "progress.json").exists():  # else the checkpoint's
         load_initial_weights(unet, init_from)
     ema = EMAModel(unet.parameters(), decay=config.ema_max_decay, use_ema_warmup=True, inv_gamma=1.0, power=0.75,
                    model_cls=UNet2DConditionModel, model_config=unet.config, foreach=True)
