@@ -96,6 +96,11 @@ class ObjectStore(abc.ABC):
         """Remove the key; deleting a missing key is not an error."""
 
     @abc.abstractmethod
+    def delete_if_match(self, key: str, etag: str) -> None:
+        """Remove the key only if its etag is still `etag`; raises PreconditionFailed, or NotFound if gone. (On an S3
+        endpoint without conditional deletes the condition is not checked.)"""
+
+    @abc.abstractmethod
     def list(
         self, prefix: str = "", start_after: str | None = None, limit: int | None = None
     ) -> Iterator[str]:
@@ -219,8 +224,20 @@ class LocalObjectStore(ObjectStore):
             return self._replace(key, path, data)
 
     def delete(self, key: str) -> None:
+        self._delete(key, etag=None)
+
+    def delete_if_match(self, key: str, etag: str) -> None:
+        self._delete(key, etag)
+
+    def _delete(self, key: str, etag: str | None) -> None:
         path = self._path(key)
         with self._locked(key):
+            if etag is not None:
+                current = self._current_etag(key, path)
+                if current is None:
+                    raise NotFound(f"no object {key!r} in {self.root}")
+                if current != etag:
+                    raise PreconditionFailed(f"{key!r} changed: etag {current} is not {etag}")
             try:
                 path.unlink()
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
@@ -370,6 +387,9 @@ class S3ObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         self._call("delete_object", key, Key=self.prefix + check_key(key))
+
+    def delete_if_match(self, key: str, etag: str) -> None:
+        self._call("delete_object", key, Key=self.prefix + check_key(key), IfMatch=etag)
 
     def list(
         self, prefix: str = "", start_after: str | None = None, limit: int | None = None

@@ -659,9 +659,10 @@ class JobQueue:
         ledgers = builtins.list(self.store.list("workers/"))
         for key in ledgers:
             try:
-                ledger = json.loads(self.store.get(key).data)
+                stored = self.store.get(key)
             except NotFound:
                 continue
+            ledger = json.loads(stored.data)
             silent = ledger["written_at"] < now - self.lease_s
             job_ids = ledger["held"] + (ledger["candidates"] if silent else [])
             settled = True
@@ -671,7 +672,10 @@ class JobQueue:
                 if job is not None:
                     changed.append(job)
             if silent and settled:
-                self.store.delete(key)
+                # Only the ledger read above: its worker may have rewritten it since, about to claim (it does so
+                # whenever its ledger is older than half a lease), and the new one must outlive this pass.
+                with suppress(PreconditionFailed, NotFound):
+                    self.store.delete_if_match(key, stored.etag)
         with self._lock:
             self._next_reclaim = now + self.lease_s * max(1, len(ledgers)) * random.uniform(0.5, 1.5)
         return changed

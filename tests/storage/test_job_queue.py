@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import TYPE_CHECKING
 
@@ -352,6 +353,35 @@ def test_a_claimer_that_died_before_removing_the_entry_leaves_nothing_stuck(
     assert [job.id for job in other.reclaim_expired()] == [job.id]
     lease = claim_one(other, "gpu-2")
     assert (lease.job.id, lease.token) == (job.id, 2)
+
+
+def test_reclaim_keeps_a_ledger_its_worker_rewrote_while_reclaim_looked_at_it(
+    store: ObjectStore, clock: FakeClock
+) -> None:
+    """A worker idle for over a lease has a silent ledger that reclaim may drop; if the worker rewrites it to claim
+    a job while reclaim is reading it, the rewritten one must survive, or the job would be stuck if that worker
+    died."""
+    worker, reclaimer = JobQueue(store, clock=clock), JobQueue(store, clock=clock)
+    first = worker.submit("alice", {"i": 0})
+    worker.complete(claim_one(worker, "gpu-1"), {})
+    clock.advance(31)  # gpu-1's ledger is now silent, and every job in it settled
+    second = worker.submit("alice", {"i": 1})
+    original_get = store.get
+
+    def get(key: str):
+        found = original_get(key)
+        if key == "workers/gpu-1.json":  # gpu-1 claims between reclaim's read and its delete
+            store.get = original_get  # type: ignore[method-assign]
+            claim_one(worker, "gpu-1")
+        return found
+
+    store.get = get  # type: ignore[method-assign]
+    reclaimer.reclaim_expired()
+    del store.get
+    ledger = json.loads(store.get("workers/gpu-1.json").data)
+    assert second.id in ledger["held"] + ledger["candidates"] and first.id not in ledger["held"]
+    clock.advance(31)  # gpu-1 dies holding the job: reclaim finds it through the ledger
+    assert [job.id for job in reclaimer.reclaim_expired()] == [second.id]
 
 
 def test_s3_requests_per_job_in_steady_state(s3_bucket: str, clock: FakeClock) -> None:

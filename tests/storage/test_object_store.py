@@ -101,6 +101,18 @@ def test_put_if_match_race_has_exactly_one_winner(store: ObjectStore) -> None:
     assert store.get("cas").data == f"{winners[0]}".encode()
 
 
+def test_delete_if_match_removes_only_the_version_it_read(store: ObjectStore) -> None:
+    read = store.put("ledger", b"old")
+    store.put("ledger", b"rewritten")  # by its owner, after the reader looked
+    with pytest.raises(PreconditionFailed):
+        store.delete_if_match("ledger", read)
+    assert store.get("ledger").data == b"rewritten"
+    store.delete_if_match("ledger", store.get("ledger").etag)
+    assert not store.exists("ledger")
+    with pytest.raises(NotFound):
+        store.delete_if_match("ledger", read)
+
+
 def test_delete_removes_the_key_and_is_idempotent(store: ObjectStore) -> None:
     store.put("a/b/c", b"x")
     store.delete("a/b/c")
