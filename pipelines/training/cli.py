@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--init-from", type=Path, metavar="DIR",
                            help="start from these UNet weights (a diffusers folder such as runs/X/unet/final/unet-ema "
                            "or a model's unet/) instead of random ones: fine-tune with another recipe")
-            p.add_argument("--snapshot-every", type=_positive(int), default=2000, metavar="STEPS",
-                           help="keep the raw and EMA weights every this many steps as unet/step-N (default 2000)")
+            p.add_argument("--snapshot-every", type=_positive(int), default=RunConfig.snapshot_every,
+                           metavar="STEPS", help="keep the raw and EMA weights every this many steps as unet/step-N "
+                           "(default %(default)s)")
         if stage == "distill":
             p.add_argument("--teacher", default="final", metavar="TAG",
                            help="the teacher's snapshot under <run-dir>/unet/: final (default) or step-N")
@@ -156,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         time_budget_s=None if args.time_budget is None else args.time_budget * 60, stop_at=args.stop_at,
         checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision, data=args.data,
         dataset_size=args.dataset_size, image_size=args.image_size,
-        snapshot_every=getattr(args, "snapshot_every", 2000),
+        snapshot_every=getattr(args, "snapshot_every", RunConfig.snapshot_every),
     )
     if args.stage == "vae":
         from pipelines.training.vae import VaeConfig, train_vae
