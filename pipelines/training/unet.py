@@ -66,6 +66,9 @@ class UnetConfig:
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D",) * 3
     layers_per_block: int = 1
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    """Transformer blocks (self-attention, cross-attention to the caption, feed-forward) in each attention layer,
+    one number for every level or one per level: more of them give the UNet more rounds of reading the caption."""
     attention_head_dim: int = 32
     """Channels per attention head: 2, 4 and 6 heads at 64, 128 and 192 channels."""
     attention_heads: tuple[int, ...] | None = None
@@ -94,6 +97,11 @@ class UnetConfig:
             self.attention_heads = tuple(channels // self.attention_head_dim for channels in self.block_out_channels)
         elif len(self.attention_heads) != len(self.block_out_channels):
             raise ValueError("attention_heads needs one entry per level of block_out_channels")
+        depths = self.transformer_layers_per_block
+        if isinstance(depths, tuple) and len(depths) != len(self.block_out_channels):
+            raise ValueError("transformer_layers_per_block needs one number, or one per level of block_out_channels")
+        if any(not isinstance(depth, int) or depth < 1 for depth in (depths if isinstance(depths, tuple) else (depths,))):
+            raise ValueError(f"transformer_layers_per_block must be whole numbers of at least 1, got {depths}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting {self.loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.zero_terminal_snr and self.loss_weighting == "min_snr":
@@ -138,6 +146,7 @@ def check_resumable(run: TrainingRun, config: UnetConfig) -> None:
         before.setdefault("paraphrase_rate", 0.0)  # written before paraphrases: the scenes' own captions only
         before.setdefault("loss_weighting", "min_snr")  # written before the choice: the only weighting then
         before.setdefault("zero_terminal_snr", False)
+        before.setdefault("transformer_layers_per_block", 1)
     now = json.loads(json.dumps(config.__dict__))
     changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
     if changed:
@@ -155,6 +164,7 @@ def build_unet(config: UnetConfig, latent_channels: int, sample_size: int, cross
         up_block_types=config.up_block_types,
         block_out_channels=config.block_out_channels,
         layers_per_block=config.layers_per_block,
+        transformer_layers_per_block=config.transformer_layers_per_block,
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=config.attention_heads,  # diffusers' legacy name: it is the number of heads
         norm_num_groups=32,

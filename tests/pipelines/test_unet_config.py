@@ -88,8 +88,10 @@ def test_a_run_started_when_the_head_size_counted_heads_resumes_only_with_that_l
 @pytest.mark.parametrize(("fields", "message"), [
     ({"attention_head_dim": 48}, "attention_head_dim 48 must divide every entry of block_out_channels [64, 128, 192]"),
     ({"attention_heads": (2, 4)}, "attention_heads needs one entry per level"),
+    ({"transformer_layers_per_block": (2, 1)}, "transformer_layers_per_block needs one number, or one per level"),
+    ({"transformer_layers_per_block": 0}, "transformer_layers_per_block must be whole numbers of at least 1, got 0"),
 ])
-def test_a_head_layout_that_does_not_fit_the_channels_is_refused(fields: dict, message: str) -> None:
+def test_a_layout_that_does_not_fit_the_levels_is_refused(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         UnetConfig(**fields)
 
@@ -140,3 +142,20 @@ def test_a_run_started_before_the_schedule_choice_resumes_only_on_sds_schedule(t
     check_resumable(run, UnetConfig())
     with pytest.raises(PipelineError, match=r"another UNet \(loss_weighting, zero_terminal_snr differ\)"):
         check_resumable(run, UnetConfig(loss_weighting="min_snr_v", zero_terminal_snr=True))
+
+
+def test_transformer_depth_adds_caption_reading_blocks_where_asked_and_a_run_written_before_it_resumes(
+        tmp_path: Path) -> None:
+    def depths(unet: UNet2DConditionModel) -> list[int]:
+        return [len(attention.transformer_blocks) for block in unet.down_blocks for attention in block.attentions]
+
+    assert depths(build_unet(UnetConfig(), latent_channels=16, sample_size=16)) == [1, 1, 1]
+    deeper = build_unet(UnetConfig(transformer_layers_per_block=(2, 1, 1)), latent_channels=16, sample_size=16)
+    assert depths(deeper) == [2, 1, 1]
+    assert [len(attention.transformer_blocks) for attention in deeper.up_blocks[-1].attentions] == [2, 2]
+    written_then = {key: value for key, value in json.loads(json.dumps(UnetConfig().__dict__)).items()
+                    if key != "transformer_layers_per_block"}
+    run = a_run_with_checkpoint(tmp_path, written_then)
+    check_resumable(run, UnetConfig())
+    with pytest.raises(PipelineError, match=r"another UNet \(transformer_layers_per_block differ\)"):
+        check_resumable(run, UnetConfig(transformer_layers_per_block=2))
