@@ -5,7 +5,8 @@ encoder's token state at each object's shape noun, that object's colour (8 class
 object (left / right / above / below). If both read out well, the information the UNet needs to bind colours and
 places to objects is in its cross-attention keys and values, and a UNet that misses them is limited by itself,
 not by the text encoder. The same probe on the encoder's input embeddings (its layer 0: word plus position
-embedding, no context) is the control: there a noun's state cannot know its colour or side beyond chance.
+embedding, no context) is the control: there a noun's state cannot know its colour, and knows its side only as
+far as where the word sits in the sentence gives it away.
 
 The probe trains on the captions the teacher trained on (each scene's in-template caption and one of its
 paraphrases) for one range of scenes, and is tested on other scenes, both in-template and in the evaluation
