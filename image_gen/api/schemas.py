@@ -16,7 +16,9 @@ from pydantic import (
     field_validator,
 )
 
+from image_gen.errors import ImageGenError
 from image_gen.service import GenerationService
+from pipelines.errors import PipelineError
 from pipelines.params import MAX_STEPS, SEED_MAX, GenerationParams, ModelInfo
 from storage.queue import Job
 
@@ -111,6 +113,10 @@ class GenerationRequest(BaseModel):
         width, height = (preset["width"], preset["height"]) if preset_name else (None, None)
         if self.size and self.size != "auto":
             width, height = (int(part) for part in self.size.split("x"))
+            try:  # before GenerationParams, whose own floor (8) would fail with no word of the allowed sizes
+                model.check_size(width, height)
+            except PipelineError as error:
+                raise ImageGenError.from_exception(error) from error
         return GenerationParams(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt or preset.get("negative_prompt", ""),

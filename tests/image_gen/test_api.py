@@ -265,6 +265,8 @@ BAD_REQUESTS = [
     ({"prompt": "x", "size": "65x64"}, "size"),
     ({"prompt": "x", "size": "4096x4096"}, "size"),
     ({"prompt": "x", "size": "big"}, "size"),
+    ({"prompt": "x", "size": "48x7"}, "height 7"),
+    ({"prompt": "x", "size": "0x0"}, "width 0"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "n": 11}, "n"),
     ({"prompt": "x", "steps": 0}, "steps"),
