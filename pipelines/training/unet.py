@@ -98,9 +98,10 @@ class UnetConfig:
         elif len(self.attention_heads) != len(self.block_out_channels):
             raise ValueError("attention_heads needs one entry per level of block_out_channels")
         depths = self.transformer_layers_per_block
-        if isinstance(depths, tuple) and len(depths) != len(self.block_out_channels):
+        per_level = depths if isinstance(depths, tuple) else (depths,) * len(self.block_out_channels)
+        if len(per_level) != len(self.block_out_channels):
             raise ValueError("transformer_layers_per_block needs one number, or one per level of block_out_channels")
-        if any(not isinstance(depth, int) or depth < 1 for depth in (depths if isinstance(depths, tuple) else (depths,))):
+        if any(not isinstance(depth, int) or depth < 1 for depth in per_level):
             raise ValueError(f"transformer_layers_per_block must be whole numbers of at least 1, got {depths}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting {self.loss_weighting!r} is not one of {', '.join(LOSS_WEIGHTINGS)}")
